@@ -1,0 +1,35 @@
+# `make test` and `make report` each set up .venv on a fresh machine first.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+PIP     := $(VPY) -m pip --no-input
+Q       := -q --progress-bar off
+STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+
+.PHONY: test report venv clean lint
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(PIP) install $(Q) --upgrade pip setuptools wheel
+	# 1. torch first: this pin takes the CPU build on disk (a bare `torch` pulls CUDA).
+	$(PIP) install $(Q) torch==2.13.0
+	# 2. theseus-ai 0.2.3 is an sdist whose setup.py imports torch: no build isolation.
+	$(PIP) install $(Q) --no-deps --no-build-isolation theseus-ai==0.2.3
+	# 3. the project, editable, with every extra.
+	$(PIP) install $(Q) -e '.[theseus,cvx,report,test]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+test: venv
+	$(VPY) -m pytest -q tests
+
+report: venv
+	$(VPY) -m comparisons
+
+lint: venv
+	$(VPY) -m ruff check fold_plugins adapters comparisons tests
+
+clean:
+	rm -rf $(VENV) comparisons/out

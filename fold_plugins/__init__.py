@@ -1,0 +1,30 @@
+"""fold_plugins: folded (implicit fixed-point) backward passes for iterative solvers.
+
+    import fold_plugins as fp
+    x = fp.fold(step, x_star, *params, solver="gmres", tol=1e-10)
+
+See ``fold_plugins.fold.fold`` for the op, ``fold_plugins.solvers`` for the backward solvers,
+``fold_plugins.steps`` for ready update steps, ``fold_plugins.diagnostics`` and
+``fold_plugins.verify`` for checking a setup.
+"""
+
+from __future__ import annotations
+
+from . import diagnostics, solvers
+from ._errors import FoldConvergenceWarning, FoldError
+from .fold import FoldInfo, fold
+
+__all__ = ["fold", "FoldInfo", "FoldError", "FoldConvergenceWarning", "solvers", "diagnostics",
+           "steps", "projections", "verify"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # steps, projections and verify are imported on first use (they are larger)
+    if name in ("steps", "projections", "verify"):
+        import importlib
+
+        mod = importlib.import_module(f".{name}", __name__)
+        globals()[name] = mod
+        return mod
+    raise AttributeError(f"module 'fold_plugins' has no attribute {name!r}")

@@ -1,0 +1,134 @@
+"""Diagnostics of an update step at its fixed point: ρ(Φ), residuals, unrolling predictions.
+
+Unrolling K steps from the fixed point computes K iterations of ``v ← Φᵀv + g``, whose error
+decays like ``ρ(Φ)^K`` (``Φ = ∂U/∂x`` at ``x*``). These helpers measure ``ρ(Φ)`` per
+instance with VJPs only and turn it into the iteration count an unrolled backward needs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._errors import FoldError
+from .fold import State, linearize
+
+__all__ = ["spectral_radius", "fixed_point_residual", "predicted_unroll_error",
+           "unroll_iterations_needed", "unrolling_report"]
+
+
+def spectral_radius(step: Callable, x_star: State, *params: Any, batched: bool = True,
+                    method: str = "arnoldi", maxiter: int | None = None, tol: float = 1e-7,
+                    window: int = 10, seed: int = 0) -> Tensor:
+    """Estimate ``ρ(Φ)``, ``Φ = ∂U/∂x (x*)``, per instance, from VJPs with ``Φᵀ`` only.
+
+    Args:
+        method: ``"arnoldi"`` (default): ``k`` Arnoldi steps on ``Φᵀ`` from a random start and
+            the largest Ritz value modulus; exact (up to rounding) when ``k ≥ n``, and the
+            extremal eigenvalues converge first otherwise. ``"power"``: power iteration, the
+            estimate being the geometric-mean growth over the last ``window`` iterations
+            (robust to a dominant complex pair), stopped when it changes by < ``tol``.
+        maxiter: VJPs to spend (default: ``min(n, 80)`` for Arnoldi, 500 for power).
+
+    Returns:
+        ``(B,)`` tensor (``(1,)`` when ``batched=False``) in the state's dtype/device.
+    """
+    if method not in ("arnoldi", "power"):
+        raise FoldError(f"spectral_radius: method must be 'arnoldi' or 'power', got {method!r}.")
+    lin = linearize(step, x_star, *params, batched=batched)
+    ref = lin.x_parts[0]
+    B, n = lin.spec.B, lin.spec.n
+    gen = torch.Generator(device=ref.device).manual_seed(seed)
+    v = torch.randn(B, n, generator=gen, dtype=ref.dtype, device=ref.device)
+    v = v / v.norm(dim=1, keepdim=True)
+    tiny = torch.finfo(ref.dtype).tiny
+    if method == "arnoldi":
+        k = max(1, min(n, maxiter if maxiter is not None else 80))
+        V = [v]
+        H = torch.zeros(B, k + 1, k, dtype=ref.dtype, device=ref.device)
+        for j in range(k):
+            w = lin.vjp(V[j])
+            for _ in range(2):  # re-orthogonalise: Ritz values need an orthonormal basis
+                Vs = torch.stack(V)
+                h = torch.einsum("kbn,bn->bk", Vs, w)
+                w = w - torch.einsum("bk,kbn->bn", h, Vs)
+                H[:, : j + 1, j] += h
+            hn = w.norm(dim=1)
+            H[:, j + 1, j] = hn
+            ok = hn > 1e3 * tiny
+            V.append(torch.where(ok[:, None], w / torch.where(ok, hn, torch.ones_like(hn))[:, None],
+                                 torch.zeros_like(w)))
+        eig = torch.linalg.eigvals(H[:, :k, :k])
+        return eig.abs().max(dim=1).values.to(ref.dtype).detach()
+    maxiter = 500 if maxiter is None else int(maxiter)
+    if maxiter < 2 or window < 1:
+        raise FoldError(f"spectral_radius: need maxiter ≥ 2 and window ≥ 1, got maxiter="
+                        f"{maxiter}, window={window}.")
+    logs: list[Tensor] = []  # log growth per iteration
+    est = torch.zeros(B, dtype=ref.dtype, device=ref.device)
+    for k in range(maxiter):
+        w = lin.vjp(v)
+        nw = w.norm(dim=1)
+        logs.append(torch.log(torch.clamp(nw, min=tiny)))
+        zero = nw <= tiny
+        v = torch.where(zero[:, None], v, w / torch.where(zero, torch.ones_like(nw), nw)[:, None])
+        if len(logs) >= window:
+            new = torch.exp(torch.stack(logs[-window:]).mean(dim=0))
+            new = torch.where(zero, torch.zeros_like(new), new)
+            if k >= 2 * window and bool(((new - est).abs() <= tol * new.clamp(min=tiny)).all()):
+                est = new
+                break
+            est = new
+    return est.detach()
+
+
+def fixed_point_residual(step: Callable, x_star: State, *params: Any, batched: bool = True,
+                         relative: bool = True) -> Tensor:
+    """``(B,)`` residual ``‖U(x*) − x*‖`` per instance, divided by ``1 + ‖x*‖`` when ``relative``."""
+    lin = linearize(step, x_star, *params, batched=batched)
+    with torch.no_grad():
+        if relative:
+            return lin.residual()
+        d = lin.spec.flatten([o - x for o, x in zip(lin.out_parts, lin.x_parts)], lin.x_parts)
+        return d.norm(dim=1)
+
+
+def predicted_unroll_error(rho: Tensor | float, n_iter: int) -> Tensor | float:
+    """Relative gradient error of K-step unrolling from the fixed point, to first order: ``ρ^K``."""
+    return rho ** n_iter
+
+
+def unroll_iterations_needed(rho: Tensor | float, accuracy: float) -> Tensor | float:
+    """Smallest ``K`` with ``ρ^K ≤ accuracy`` (``inf`` where ``ρ ≥ 1``, ``0`` where ``ρ = 0``)."""
+    if not 0 < accuracy < 1:
+        raise FoldError(f"accuracy must be in (0, 1), got {accuracy!r}.")
+    if isinstance(rho, Tensor):
+        out = torch.ceil(math.log(accuracy) / torch.log(rho.clamp(min=1e-300)))
+        out = torch.where(rho >= 1, torch.full_like(out, math.inf), out)
+        return torch.where(rho <= 0, torch.zeros_like(out), out.clamp(min=1))
+    if rho >= 1:
+        return math.inf
+    if rho <= 0:
+        return 0
+    return max(1, math.ceil(math.log(accuracy) / math.log(rho)))
+
+
+def unrolling_report(step: Callable, x_star: State, *params: Any, batched: bool = True,
+                     accuracies: tuple[float, ...] = (1e-2, 1e-4, 1e-6, 1e-8)) -> str:
+    """A short text for users migrating from unrolling: ρ(Φ) and the K each accuracy needs."""
+    rho = spectral_radius(step, x_star, *params, batched=batched)
+    res = fixed_point_residual(step, x_star, *params, batched=batched)
+    lines = [f"instances: {rho.numel()}",
+             f"fixed-point residual ‖U(x*)−x*‖/(1+‖x*‖): max {float(res.max()):.2e}",
+             f"spectral radius ρ(Φ): min {float(rho.min()):.4f}, max {float(rho.max()):.4f}"]
+    for acc in accuracies:
+        k = unroll_iterations_needed(rho.max(), acc)
+        k = float(k)
+        lines.append(f"unrolled iterations for gradient error {acc:.0e}: "
+                     + ("never (ρ ≥ 1)" if math.isinf(k) else f"{int(k)}"))
+    lines.append("folded backward (GMRES) needs at most rank(Φ)+1 VJPs, independent of ρ.")
+    return "\n".join(lines)

@@ -1,0 +1,360 @@
+"""Backward linear solvers sharing one batched, matrix-free protocol.
+
+Every solver has the signature::
+
+    solve(matvec, b, *, x0=None, tol=1e-10, maxiter=None, **options) -> (x, SolveInfo)
+
+``b`` has shape ``(B, n)``: ``B`` independent systems of size ``n``. ``matvec`` maps a
+``(B, n)`` tensor to ``(B, n)`` (``A`` applied to each instance) and may expose
+``matvec.matmat(V)`` mapping ``(k, B, n) -> (k, B, n)`` for batched application (used by
+:func:`dense`). Inner products, step sizes and stopping decisions are per instance: each
+system stops when ``‖b − A x‖ ≤ tol · ‖b‖`` on its own. Results keep ``b``'s dtype and
+device; nothing is allocated elsewhere.
+
+In :func:`fold_plugins.fold` the operator is ``A = I − Φᵀ`` with ``Φ = ∂U/∂x`` at the
+fixed point, applied through vector-Jacobian products of one update step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ._errors import FoldError
+
+__all__ = ["SolveInfo", "fixed_point", "gmres", "bicgstab", "dense", "get_solver", "SOLVERS"]
+
+MatVec = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class SolveInfo:
+    """Per-instance outcome of a batched linear solve.
+
+    Attributes:
+        iterations: ``(B,)`` int64, iterations each instance needed (``maxiter`` if it never
+            converged). For :func:`dense` it is the number of operator applications (``n``).
+        residual: ``(B,)`` relative residual ``‖b − A x‖ / ‖b‖`` of the returned ``x``
+            (absolute where ``b = 0``).
+        converged: ``(B,)`` bool, ``residual ≤ tol``.
+        n_matvec: operator applications of ``A`` in total (one batched call counts once).
+        diverged: ``(B,)`` bool, the iteration blew up (only :func:`fixed_point` sets it).
+        solver: the solver's name.
+    """
+
+    iterations: Tensor
+    residual: Tensor
+    converged: Tensor
+    n_matvec: int
+    solver: str = ""
+    diverged: Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _bdot(a: Tensor, b: Tensor) -> Tensor:
+    return (a * b).sum(dim=-1)
+
+
+def _check_b(b: Tensor, name: str) -> None:
+    if not isinstance(b, Tensor) or b.dim() != 2:
+        shape = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
+        raise FoldError(f"{name}: b must be a (B, n) tensor, got {shape}; flatten each "
+                        "instance's right-hand side into one row.")
+    if not b.is_floating_point():
+        raise FoldError(f"{name}: b must be floating point, got {b.dtype}.")
+
+
+def _effective_tol(tol: float, dtype: torch.dtype) -> float:
+    """Relative tolerance floored at 50·eps of ``dtype`` (1e-10 is unreachable in float32)."""
+    if tol < 0 or not math.isfinite(tol):
+        raise FoldError(f"tol must be a finite number ≥ 0, got {tol!r}.")
+    return max(float(tol), 50.0 * torch.finfo(dtype).eps)
+
+
+def _residual(matvec: MatVec, b: Tensor, x: Tensor, bnorm: Tensor) -> Tensor:
+    r = b - matvec(x)
+    return r.norm(dim=1) / torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
+
+
+def fixed_point(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e-10,
+                maxiter: int | None = None, divergence_factor: float = 1e8
+                ) -> tuple[Tensor, SolveInfo]:
+    """Linear fixed-point iteration ``x ← x + (b − A x)``, i.e. ``v ← Φᵀv + g`` for ``A = I − Φᵀ``.
+
+    Started from ``x0 = 0`` its k-th iterate is ``Σ_{i<k} (Φᵀ)^i g``: exactly the gradient
+    that unrolling k solver steps from the fixed point computes. Converges iff ``ρ(Φ) < 1``,
+    at rate ``ρ(Φ)`` per iteration. One operator application per iteration.
+
+    Args:
+        divergence_factor: an instance whose residual grows past this multiple of ‖b‖ (or
+            becomes non-finite) is stopped and flagged ``diverged``.
+    """
+    _check_b(b, "fixed_point")
+    B, n = b.shape
+    tol = _effective_tol(tol, b.dtype)
+    maxiter = int(maxiter) if maxiter is not None else min(max(100, 20 * n), 10_000)
+    bnorm = b.norm(dim=1)
+    denom = torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    r = b - matvec(x) if x0 is not None else b.clone()
+    n_mv = 1 if x0 is not None else 0
+    res = r.norm(dim=1) / denom
+    active = res > tol
+    diverged = torch.zeros(B, dtype=torch.bool, device=b.device)
+    iters = torch.zeros(B, dtype=torch.int64, device=b.device)
+    k = 0
+    while k < maxiter and bool(active.any()):
+        k += 1
+        x = torch.where(active[:, None], x + r, x)
+        r_new = b - matvec(x)
+        n_mv += 1
+        r = torch.where(active[:, None], r_new, r)
+        res = r.norm(dim=1) / denom
+        iters = torch.where(active, torch.full_like(iters, k), iters)
+        blown = active & (~torch.isfinite(res) | (res > divergence_factor))
+        diverged |= blown
+        active = active & (res > tol) & ~blown
+    converged = (res <= tol) & ~diverged
+    return x, SolveInfo(iters, res, converged, n_mv, "fixed_point", diverged)
+
+
+def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e-10,
+          maxiter: int | None = None, restart: int | None = None) -> tuple[Tensor, SolveInfo]:
+    """Restarted GMRES, batched: one Krylov basis per instance, classical Gram–Schmidt.
+
+    Minimises ``‖b − A x‖`` over the Krylov space, tracking each instance's residual with
+    Givens rotations; an instance is done when its relative residual is ≤ ``tol``. In exact
+    arithmetic an instance converges in at most ``rank(A − I) + 1`` iterations. The returned
+    residual is recomputed from ``x`` (one extra operator application), not the estimate.
+
+    Args:
+        maxiter: total Krylov iterations over all restart cycles (default ``max(2n, 100)``,
+            capped at 5000).
+        restart: Krylov dimension per cycle (default ``min(n, 60)``); memory is
+            ``restart · B · n`` elements.
+    """
+    _check_b(b, "gmres")
+    B, n = b.shape
+    tol = _effective_tol(tol, b.dtype)
+    maxiter = int(maxiter) if maxiter is not None else min(max(2 * n, 100), 5000)
+    m = int(restart) if restart is not None else min(n, 60)
+    m = max(1, min(m, n, maxiter))
+    dev, dt = b.device, b.dtype
+    bnorm = b.norm(dim=1)
+    denom = torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    iters = torch.full((B,), -1, dtype=torch.int64, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    n_mv = 0
+    total = 0
+    tiny = torch.finfo(dt).tiny
+    while total < maxiter:
+        r = b - matvec(x) if (x0 is not None or total > 0) else b.clone()
+        if x0 is not None or total > 0:
+            n_mv += 1
+        beta = r.norm(dim=1)
+        rel = beta / denom
+        newly = (rel <= tol) & ~done
+        iters = torch.where(newly, torch.full_like(iters, total), iters)
+        done = done | newly
+        if bool(done.all()):
+            break
+        V = torch.zeros(m + 1, B, n, dtype=dt, device=dev)
+        H = torch.zeros(B, m + 1, m, dtype=dt, device=dev)
+        cs = torch.zeros(B, m, dtype=dt, device=dev)
+        sn = torch.zeros(B, m, dtype=dt, device=dev)
+        g = torch.zeros(B, m + 1, dtype=dt, device=dev)
+        g[:, 0] = beta
+        safe_beta = torch.where(beta > tiny, beta, torch.ones_like(beta))
+        V[0] = torch.where((beta > tiny)[:, None], r / safe_beta[:, None], torch.zeros_like(r))
+        j_used = 0
+        for j in range(m):
+            if total >= maxiter:
+                break
+            w = matvec(V[j])
+            n_mv += 1
+            total += 1
+            j_used = j + 1
+            # classical Gram-Schmidt, one pass (measured as accurate as two here)
+            h = torch.einsum("kbn,bn->bk", V[: j + 1], w)
+            w = w - torch.einsum("bk,kbn->bn", h, V[: j + 1])
+            hn = w.norm(dim=1)
+            H[:, : j + 1, j] = h
+            H[:, j + 1, j] = hn
+            safe = hn > tiny * 1e3
+            V[j + 1] = torch.where(safe[:, None], w / torch.where(safe, hn, torch.ones_like(hn))[:, None],
+                                   torch.zeros_like(w))
+            # apply previous rotations to column j
+            col = H[:, :, j].clone()
+            for i in range(j):
+                a, c = col[:, i].clone(), col[:, i + 1].clone()
+                col[:, i] = cs[:, i] * a + sn[:, i] * c
+                col[:, i + 1] = -sn[:, i] * a + cs[:, i] * c
+            a, c = col[:, j], col[:, j + 1]
+            rr = torch.sqrt(a * a + c * c)
+            ok = rr > tiny
+            cj = torch.where(ok, a / torch.where(ok, rr, torch.ones_like(rr)), torch.ones_like(rr))
+            sj = torch.where(ok, c / torch.where(ok, rr, torch.ones_like(rr)), torch.zeros_like(rr))
+            cs[:, j], sn[:, j] = cj, sj
+            col[:, j] = rr
+            col[:, j + 1] = 0
+            H[:, :, j] = col
+            g[:, j + 1] = -sj * g[:, j]
+            g[:, j] = cj * g[:, j]
+            est = g[:, j + 1].abs() / denom
+            newly = (est <= tol) & ~done
+            iters = torch.where(newly, torch.full_like(iters, int(total)), iters)
+            done = done | newly
+            if bool(done.all()):
+                break
+        k = j_used
+        R = H[:, :k, :k]
+        diag = torch.diagonal(R, dim1=1, dim2=2)
+        bad = diag.abs() <= tiny
+        R = R + torch.diag_embed(torch.where(bad, torch.ones_like(diag), torch.zeros_like(diag)))
+        y = torch.linalg.solve_triangular(R, g[:, :k, None], upper=True)[..., 0]
+        x = x + torch.einsum("bk,kbn->bn", y, V[:k])
+        if bool(done.all()):
+            break
+    res = _residual(matvec, b, x, bnorm)
+    n_mv += 1
+    converged = res <= tol
+    # instances that never met the estimate ran for all iterations
+    iters = torch.where(iters < 0, torch.full_like(iters, total), iters)
+    return x, SolveInfo(iters, res, converged, n_mv, "gmres")
+
+
+def bicgstab(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e-10,
+             maxiter: int | None = None) -> tuple[Tensor, SolveInfo]:
+    """BiCGStab (van der Vorst), batched with per-instance scalars; two applications per iteration.
+
+    Short recurrences (memory O(B·n), independent of the iteration count); no optimality
+    guarantee, and it can break down (``⟨r̂, v⟩ = 0``), which is reported as non-convergence.
+    """
+    _check_b(b, "bicgstab")
+    B, n = b.shape
+    tol = _effective_tol(tol, b.dtype)
+    maxiter = int(maxiter) if maxiter is not None else min(max(2 * n, 100), 5000)
+    dev, dt = b.device, b.dtype
+    tiny = torch.finfo(dt).tiny
+    bnorm = b.norm(dim=1)
+    denom = torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    r = b - matvec(x) if x0 is not None else b.clone()
+    n_mv = 1 if x0 is not None else 0
+    r_hat = r.clone()
+    ones = torch.ones(B, dtype=dt, device=dev)
+    rho, alpha, omega = ones.clone(), ones.clone(), ones.clone()
+    v = torch.zeros_like(b)
+    p = torch.zeros_like(b)
+    res = r.norm(dim=1) / denom
+    active = res > tol
+    iters = torch.zeros(B, dtype=torch.int64, device=dev)
+
+    def sdiv(a: Tensor, d: Tensor) -> Tensor:
+        ok = d.abs() > tiny
+        return torch.where(ok, a / torch.where(ok, d, torch.ones_like(d)), torch.zeros_like(a))
+
+    k = 0
+    while k < maxiter and bool(active.any()):
+        k += 1
+        rho_new = _bdot(r_hat, r)
+        beta = sdiv(rho_new, rho) * sdiv(alpha, omega)
+        p = r + beta[:, None] * (p - omega[:, None] * v)
+        v = matvec(p)
+        alpha = sdiv(rho_new, _bdot(r_hat, v))
+        s = r - alpha[:, None] * v
+        t = matvec(s)
+        n_mv += 2
+        omega = sdiv(_bdot(t, s), _bdot(t, t))
+        x_new = x + alpha[:, None] * p + omega[:, None] * s
+        r_new = s - omega[:, None] * t
+        x = torch.where(active[:, None], x_new, x)
+        r = torch.where(active[:, None], r_new, r)
+        rho = rho_new
+        res_new = r.norm(dim=1) / denom
+        res = torch.where(active, res_new, res)
+        iters = torch.where(active, torch.full_like(iters, k), iters)
+        broke = active & (~torch.isfinite(res) | (alpha == 0) & (res > tol))
+        active = active & (res > tol) & ~broke
+    res = _residual(matvec, b, x, bnorm)
+    n_mv += 1
+    return x, SolveInfo(iters, res, res <= tol, n_mv, "bicgstab")
+
+
+def dense(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e-10,
+          maxiter: int | None = None, chunk_elements: int = 1 << 24) -> tuple[Tensor, SolveInfo]:
+    """Materialise ``A`` column by column (``n`` applications, batched when the operator allows)
+    and solve each instance with LU. Exact up to rounding; best for small ``n``.
+
+    Uses ``matvec.matmat`` (``(k, B, n) -> (k, B, n)``) when present, in chunks of at most
+    ``chunk_elements`` elements; otherwise ``n`` single applications. ``x0`` and ``maxiter``
+    are accepted for the protocol and ignored.
+
+    Raises:
+        FoldError: ``A`` is singular for some instance (names them).
+    """
+    _check_b(b, "dense")
+    B, n = b.shape
+    tol = _effective_tol(tol, b.dtype)
+    dev, dt = b.device, b.dtype
+    cols = []
+    matmat = getattr(matvec, "matmat", None)
+    n_mv = 0
+    if matmat is not None:
+        k = max(1, min(n, chunk_elements // max(1, B * n)))
+        for start in range(0, n, k):
+            stop = min(n, start + k)
+            E = torch.zeros(stop - start, B, n, dtype=dt, device=dev)
+            idx = torch.arange(start, stop, device=dev)
+            E[torch.arange(stop - start, device=dev), :, idx] = 1
+            cols.append(matmat(E))
+            n_mv += 1
+        AT = torch.cat(cols, dim=0)  # (n, B, n): AT[j, b] = A_b e_j
+    else:
+        for j in range(n):
+            e = torch.zeros(B, n, dtype=dt, device=dev)
+            e[:, j] = 1
+            cols.append(matvec(e))
+            n_mv += 1
+        AT = torch.stack(cols, dim=0)
+    A = AT.permute(1, 2, 0)  # (B, n, n)
+    x, info = torch.linalg.solve_ex(A, b)
+    singular = info != 0
+    if bool(singular.any()):
+        bad = torch.nonzero(singular).flatten().tolist()
+        raise FoldError(f"dense: the system matrix I − Φᵀ is singular for instance(s) {bad}: "
+                        "the fixed point is not isolated (Φ has an eigenvalue 1), so the "
+                        "gradient is not defined. Regularise the problem or check the step.")
+    bnorm = b.norm(dim=1)
+    res = (b - torch.einsum("bij,bj->bi", A, x)).norm(dim=1)
+    res = res / torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
+    finite = torch.isfinite(res)
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).flatten().tolist()
+        raise FoldError(f"dense: LU produced non-finite values for instance(s) {bad}; I − Φᵀ "
+                        "is numerically singular there.")
+    iters = torch.full((B,), n, dtype=torch.int64, device=dev)
+    return x, SolveInfo(iters, res, res <= max(tol, 1e3 * torch.finfo(dt).eps), n_mv, "dense")
+
+
+SOLVERS: dict[str, Callable] = {
+    "fixed_point": fixed_point,
+    "gmres": gmres,
+    "bicgstab": bicgstab,
+    "dense": dense,
+}
+
+
+def get_solver(solver: str | Callable) -> tuple[str, Callable]:
+    """Resolve a solver name or callable to ``(name, callable)``."""
+    if callable(solver):
+        return getattr(solver, "__name__", "custom"), solver
+    if isinstance(solver, str) and solver in SOLVERS:
+        return solver, SOLVERS[solver]
+    raise FoldError(f"solver must be one of {sorted(SOLVERS)} or a callable "
+                    f"solve(matvec, b, *, x0, tol, maxiter) -> (x, info); got {solver!r}.")

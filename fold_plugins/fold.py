@@ -367,7 +367,8 @@ class _Backward:
             remedy = ("the fixed-point iteration diverged, so ρ(Φ) ≥ 1 for that step: use "
                       "solver='gmres' (or 'dense' for small states)")
         elif self.solver_name == "fixed_point":
-            remedy = ("ρ(Φ) is close to 1: use solver='gmres', or raise maxiter")
+            remedy = ("it converges slowly (ρ(Φ) near 1): use solver='gmres', or raise "
+                      "maxiter")
         elif self.solver_name == "dense":
             remedy = "I − Φᵀ is ill-conditioned there: check the step size and the problem"
         else:

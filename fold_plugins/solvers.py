@@ -96,7 +96,7 @@ def fixed_point(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: flo
     _check_b(b, "fixed_point")
     B, n = b.shape
     tol = _effective_tol(tol, b.dtype)
-    maxiter = int(maxiter) if maxiter is not None else min(max(100, 20 * n), 10_000)
+    maxiter = int(maxiter) if maxiter is not None else min(max(1000, 20 * n), 10_000)
     bnorm = b.norm(dim=1)
     denom = torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
     x = torch.zeros_like(b) if x0 is None else x0.clone()

@@ -1,0 +1,143 @@
+"""Backward linear solvers against torch.linalg.solve on explicit matrices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fold_plugins as fp
+from fold_plugins.solvers import SOLVERS, get_solver
+
+DT = torch.float64
+
+
+class MatOp:
+    """Explicit batched matrix in the solver protocol (with matmat for dense)."""
+
+    def __init__(self, A: torch.Tensor):
+        self.A = A
+        self.calls = 0
+
+    def __call__(self, v):
+        self.calls += 1
+        return torch.einsum("bij,bj->bi", self.A, v)
+
+    def matmat(self, V):
+        return torch.einsum("bij,kbj->kbi", self.A, V)
+
+
+def contraction_system(B=4, n=12, rho=0.7, seed=0):
+    """A = I − M with ρ(M) = rho (nonsymmetric), right-hand sides b."""
+    g = torch.Generator().manual_seed(seed)
+    M = torch.randn(B, n, n, generator=g, dtype=DT)
+    M = rho * M / torch.linalg.eigvals(M).abs().max(dim=1).values[:, None, None]
+    A = torch.eye(n, dtype=DT) - M
+    b = torch.randn(B, n, generator=g, dtype=DT)
+    return A, b
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_solvers_match_direct_solve(name):
+    A, b = contraction_system()
+    x_true = torch.linalg.solve(A, b)
+    x, info = SOLVERS[name](MatOp(A), b, tol=1e-12)
+    assert x.dtype == DT and x.shape == b.shape
+    rel = (x - x_true).norm(dim=1) / x_true.norm(dim=1)
+    assert rel.max() < 1e-9, (name, rel)
+    assert bool(info.converged.all())
+    assert info.residual.max() <= 1e-11
+    assert info.iterations.shape == (4,)
+
+
+@pytest.mark.parametrize("name", ["gmres", "bicgstab", "dense"])
+def test_krylov_and_dense_solve_nonsymmetric_non_contraction(name):
+    # ρ(M) = 1.5: the fixed-point iteration diverges, Krylov/LU do not care
+    A, b = contraction_system(rho=1.5, seed=1)
+    x_true = torch.linalg.solve(A, b)
+    x, info = SOLVERS[name](MatOp(A), b, tol=1e-12, maxiter=500)
+    assert ((x - x_true).norm(dim=1) / x_true.norm(dim=1)).max() < 1e-8
+    assert bool(info.converged.all())
+
+
+def test_fixed_point_flags_divergence():
+    A, b = contraction_system(rho=1.5, seed=1)
+    _, info = fp.solvers.fixed_point(MatOp(A), b, tol=1e-12, maxiter=2000)
+    assert not bool(info.converged.any())
+    assert bool(info.diverged.all())
+
+
+def test_fixed_point_rate_equals_spectral_radius():
+    # residual after k iterations of v <- Phi^T v + b decays like rho^k
+    A, b = contraction_system(B=1, n=8, rho=0.5, seed=3)
+    res = []
+    for k in (20, 40):
+        _, info = fp.solvers.fixed_point(MatOp(A), b, tol=0.0, maxiter=k)
+        res.append(float(info.residual[0]))
+    rate = (res[1] / res[0]) ** (1 / 20)
+    assert abs(rate - 0.5) < 0.02
+
+
+def test_gmres_exact_in_n_iterations_and_per_instance_counts():
+    # instance 0: M has rank 2 -> GMRES converges in <= 3 iterations; instance 1: full rank
+    n = 10
+    g = torch.Generator().manual_seed(0)
+    U = torch.randn(n, 2, generator=g, dtype=DT)
+    V = torch.randn(2, n, generator=g, dtype=DT)
+    M0 = 0.3 * U @ V / (U @ V).norm()
+    M1 = torch.randn(n, n, generator=g, dtype=DT) * 0.1
+    A = torch.eye(n, dtype=DT) - torch.stack([M0, M1])
+    b = torch.randn(2, n, generator=g, dtype=DT)
+    x, info = fp.solvers.gmres(MatOp(A), b, tol=1e-12)
+    assert int(info.iterations[0]) <= 3
+    assert int(info.iterations[1]) > 3
+    assert torch.allclose(x, torch.linalg.solve(A, b), atol=1e-10)
+
+
+def test_gmres_restart_still_converges():
+    A, b = contraction_system(n=40, rho=0.9, seed=5)
+    x, info = fp.solvers.gmres(MatOp(A), b, tol=1e-11, restart=5, maxiter=2000)
+    assert bool(info.converged.all())
+    assert torch.allclose(x, torch.linalg.solve(A, b), atol=1e-8)
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_zero_rhs_instance_gives_zero(name):
+    A, b = contraction_system(B=3)
+    b[1] = 0
+    x, info = SOLVERS[name](MatOp(A), b, tol=1e-12)
+    assert torch.all(x[1] == 0)
+    assert bool(info.converged[1])
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_float32_stays_float32(name):
+    A, b = contraction_system()
+    A32, b32 = A.float(), b.float()
+    x, info = SOLVERS[name](MatOp(A32), b32, tol=1e-10)
+    assert x.dtype == torch.float32
+    assert info.residual.dtype == torch.float32
+    # tol is floored at 50·eps(float32) ≈ 6e-6: the solve still converges
+    assert bool(info.converged.all())
+    assert torch.allclose(x.double(), torch.linalg.solve(A, b), rtol=1e-4, atol=1e-4)
+
+
+def test_dense_singular_raises_naming_instance():
+    A, b = contraction_system(B=3)
+    A[2] = torch.zeros_like(A[2])
+    with pytest.raises(fp.FoldError, match=r"singular for instance\(s\) \[2\]"):
+        fp.solvers.dense(MatOp(A), b)
+
+
+def test_dense_without_matmat_uses_columns():
+    A, b = contraction_system()
+    op = MatOp(A)
+    x, info = fp.solvers.dense(op.__call__, b)
+    assert torch.allclose(x, torch.linalg.solve(A, b), atol=1e-12)
+    assert op.calls == A.shape[-1]
+
+
+def test_bad_solver_name_and_bad_rhs():
+    with pytest.raises(fp.FoldError, match="solver must be one of"):
+        get_solver("cg")
+    with pytest.raises(fp.FoldError, match=r"\(B, n\)"):
+        fp.solvers.gmres(lambda v: v, torch.ones(3, dtype=DT))

@@ -164,11 +164,10 @@ def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
         if bool(done.all()):
             break
         V = torch.zeros(m + 1, B, n, dtype=dt, device=dev)
-        H = torch.zeros(B, m + 1, m, dtype=dt, device=dev)
-        cs = torch.zeros(B, m, dtype=dt, device=dev)
-        sn = torch.zeros(B, m, dtype=dt, device=dev)
-        g = torch.zeros(B, m + 1, dtype=dt, device=dev)
-        g[:, 0] = beta
+        R = torch.zeros(B, m, m, dtype=dt, device=dev)
+        # Q: product of the Givens rotations so far, so each new Hessenberg column is rotated
+        # with one small bmm instead of j sequential rotations
+        Q = torch.eye(m + 1, dtype=dt, device=dev).repeat(B, 1, 1)
         safe_beta = torch.where(beta > tiny, beta, torch.ones_like(beta))
         V[0] = torch.where((beta > tiny)[:, None], r / safe_beta[:, None], torch.zeros_like(r))
         j_used = 0
@@ -183,40 +182,36 @@ def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
             h = torch.einsum("kbn,bn->bk", V[: j + 1], w)
             w = w - torch.einsum("bk,kbn->bn", h, V[: j + 1])
             hn = w.norm(dim=1)
-            H[:, : j + 1, j] = h
-            H[:, j + 1, j] = hn
             safe = hn > tiny * 1e3
-            V[j + 1] = torch.where(safe[:, None], w / torch.where(safe, hn, torch.ones_like(hn))[:, None],
+            V[j + 1] = torch.where(safe[:, None],
+                                   w / torch.where(safe, hn, torch.ones_like(hn))[:, None],
                                    torch.zeros_like(w))
-            # apply previous rotations to column j
-            col = H[:, :, j].clone()
-            for i in range(j):
-                a, c = col[:, i].clone(), col[:, i + 1].clone()
-                col[:, i] = cs[:, i] * a + sn[:, i] * c
-                col[:, i + 1] = -sn[:, i] * a + cs[:, i] * c
+            col = torch.cat([h, hn[:, None]], dim=1)  # Hessenberg column j, length j+2
+            col = torch.einsum("bik,bk->bi", Q[:, : j + 2, : j + 2], col)
             a, c = col[:, j], col[:, j + 1]
             rr = torch.sqrt(a * a + c * c)
             ok = rr > tiny
-            cj = torch.where(ok, a / torch.where(ok, rr, torch.ones_like(rr)), torch.ones_like(rr))
-            sj = torch.where(ok, c / torch.where(ok, rr, torch.ones_like(rr)), torch.zeros_like(rr))
-            cs[:, j], sn[:, j] = cj, sj
-            col[:, j] = rr
-            col[:, j + 1] = 0
-            H[:, :, j] = col
-            g[:, j + 1] = -sj * g[:, j]
-            g[:, j] = cj * g[:, j]
-            est = g[:, j + 1].abs() / denom
+            rr_safe = torch.where(ok, rr, torch.ones_like(rr))
+            cj = torch.where(ok, a / rr_safe, torch.ones_like(rr))[:, None]
+            sj = torch.where(ok, c / rr_safe, torch.zeros_like(rr))[:, None]
+            qj, qj1 = Q[:, j, : j + 2].clone(), Q[:, j + 1, : j + 2].clone()
+            Q[:, j, : j + 2] = cj * qj + sj * qj1
+            Q[:, j + 1, : j + 2] = -sj * qj + cj * qj1
+            R[:, :j, j] = col[:, :j]
+            R[:, j, j] = rr
+            est = (beta * Q[:, j + 1, 0]).abs() / denom
             newly = (est <= tol) & ~done
             iters = torch.where(newly, torch.full_like(iters, int(total)), iters)
             done = done | newly
             if bool(done.all()):
                 break
         k = j_used
-        R = H[:, :k, :k]
-        diag = torch.diagonal(R, dim1=1, dim2=2)
+        Rk = R[:, :k, :k]
+        diag = torch.diagonal(Rk, dim1=1, dim2=2)
         bad = diag.abs() <= tiny
-        R = R + torch.diag_embed(torch.where(bad, torch.ones_like(diag), torch.zeros_like(diag)))
-        y = torch.linalg.solve_triangular(R, g[:, :k, None], upper=True)[..., 0]
+        Rk = Rk + torch.diag_embed(torch.where(bad, torch.ones_like(diag), torch.zeros_like(diag)))
+        gk = beta[:, None] * Q[:, :k, 0]
+        y = torch.linalg.solve_triangular(Rk, gk[:, :, None], upper=True)[..., 0]
         x = x + torch.einsum("bk,kbn->bn", y, V[:k])
         if bool(done.all()):
             break

@@ -175,6 +175,7 @@ def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
             if total >= maxiter:
                 break
             w = matvec(V[j])
+            w0 = w.norm(dim=1)
             n_mv += 1
             total += 1
             j_used = j + 1
@@ -182,7 +183,10 @@ def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
             h = torch.einsum("kbn,bn->bk", V[: j + 1], w)
             w = w - torch.einsum("bk,kbn->bn", h, V[: j + 1])
             hn = w.norm(dim=1)
-            safe = hn > tiny * 1e3
+            # happy breakdown (an invariant subspace): do not normalise round-off into a
+            # non-orthogonal basis vector; the instance's residual estimate is then exact
+            safe = (hn > tiny * 1e3) & (hn > 100 * torch.finfo(dt).eps * w0)
+            hn = torch.where(safe, hn, torch.zeros_like(hn))
             V[j + 1] = torch.where(safe[:, None],
                                    w / torch.where(safe, hn, torch.ones_like(hn))[:, None],
                                    torch.zeros_like(w))

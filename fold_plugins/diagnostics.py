@@ -30,8 +30,9 @@ def spectral_radius(step: Callable, x_star: State, *params: Any, batched: bool =
         method: ``"arnoldi"`` (default): ``k`` Arnoldi steps on ``Φᵀ`` from a random start and
             the largest Ritz value modulus; exact (up to rounding) when ``k ≥ n``, and the
             extremal eigenvalues converge first otherwise. ``"power"``: power iteration, the
-            estimate being the geometric-mean growth over the last ``window`` iterations
-            (robust to a dominant complex pair), stopped when it changes by < ``tol``.
+            estimate being the larger Ritz value modulus on the last two iterates (exact for
+            a dominant real eigenvalue, ± pair or complex pair once they align), stopped
+            when it changed by < ``tol`` for ``window`` consecutive iterations.
         maxiter: VJPs to spend (default: ``min(n, 80)`` for Arnoldi, 500 for power).
 
     Returns:
@@ -50,16 +51,21 @@ def spectral_radius(step: Callable, x_star: State, *params: Any, batched: bool =
         k = max(1, min(n, maxiter if maxiter is not None else 80))
         V = [v]
         H = torch.zeros(B, k + 1, k, dtype=ref.dtype, device=ref.device)
+        # breakdown: an invariant Krylov subspace was found (e.g. Φ of low rank). Normalising
+        # the round-off left after orthogonalisation would give a non-orthogonal basis and
+        # wrong Ritz values, so the instance stops there (its H block is then exact).
+        brk = max(1e-10, 1e3 * torch.finfo(ref.dtype).eps)
         for j in range(k):
             w = lin.vjp(V[j])
+            w0 = w.norm(dim=1)
             for _ in range(2):  # re-orthogonalise: Ritz values need an orthonormal basis
                 Vs = torch.stack(V)
                 h = torch.einsum("kbn,bn->bk", Vs, w)
                 w = w - torch.einsum("bk,kbn->bn", h, Vs)
                 H[:, : j + 1, j] += h
             hn = w.norm(dim=1)
-            H[:, j + 1, j] = hn
-            ok = hn > 1e3 * tiny
+            ok = (hn > brk * w0) & (hn > 1e3 * tiny)
+            H[:, j + 1, j] = torch.where(ok, hn, torch.zeros_like(hn))
             V.append(torch.where(ok[:, None], w / torch.where(ok, hn, torch.ones_like(hn))[:, None],
                                  torch.zeros_like(w)))
         eig = torch.linalg.eigvals(H[:, :k, :k])
@@ -68,21 +74,44 @@ def spectral_radius(step: Callable, x_star: State, *params: Any, batched: bool =
     if maxiter < 2 or window < 1:
         raise FoldError(f"spectral_radius: need maxiter ≥ 2 and window ≥ 1, got maxiter="
                         f"{maxiter}, window={window}.")
-    logs: list[Tensor] = []  # log growth per iteration
+    # Estimate: Rayleigh–Ritz on span{v_{k-1}, v_k}, where Φᵀv_{k-1} = ‖w_{k-1}‖·v_k and
+    # Φᵀv_k = w_k are both known (no extra VJP). Its 2×2 Ritz values converge to a dominant
+    # real eigenvalue, a ± pair or a complex pair alike (the norm growth ‖Φᵀv‖ alone
+    # oscillates for a complex pair). Where v_k ∥ v_{k-1} the estimate is ‖Φᵀv_k‖.
     est = torch.zeros(B, dtype=ref.dtype, device=ref.device)
+    v_prev: Tensor | None = None
+    nw_prev = torch.zeros(B, dtype=ref.dtype, device=ref.device)
+    degenerate = math.sqrt(torch.finfo(ref.dtype).eps) * 1e-1
+    still = 0
     for k in range(maxiter):
         w = lin.vjp(v)
         nw = w.norm(dim=1)
-        logs.append(torch.log(torch.clamp(nw, min=tiny)))
         zero = nw <= tiny
+        new = nw.clone()
+        if v_prev is not None:
+            c = (v_prev * v).sum(dim=1)
+            u = v - c[:, None] * v_prev
+            nu = u.norm(dim=1)
+            two = nu > degenerate
+            safe = torch.where(two, nu, torch.ones_like(nu))
+            q2 = u / safe[:, None]
+            a1 = nw_prev[:, None] * v  # Φᵀ v_prev
+            a2 = (w - c[:, None] * a1) / safe[:, None]  # Φᵀ q2
+            h11, h12 = (v_prev * a1).sum(1), (v_prev * a2).sum(1)
+            h21, h22 = (q2 * a1).sum(1), (q2 * a2).sum(1)
+            tr, det = h11 + h22, h11 * h22 - h12 * h21
+            disc = tr * tr / 4 - det
+            ritz = torch.where(disc >= 0, tr.abs() / 2 + torch.sqrt(disc.clamp(min=0)),
+                               torch.sqrt(det.clamp(min=0)))
+            new = torch.where(two, ritz, nw)
+        new = torch.where(zero, torch.zeros_like(new), new)
+        v_prev, nw_prev = v, nw
         v = torch.where(zero[:, None], v, w / torch.where(zero, torch.ones_like(nw), nw)[:, None])
-        if len(logs) >= window:
-            new = torch.exp(torch.stack(logs[-window:]).mean(dim=0))
-            new = torch.where(zero, torch.zeros_like(new), new)
-            if k >= 2 * window and bool(((new - est).abs() <= tol * new.clamp(min=tiny)).all()):
-                est = new
-                break
-            est = new
+        changed = (new - est).abs() > tol * new.clamp(min=tiny)
+        still = 0 if bool(changed.any()) else still + 1
+        est = new
+        if k >= 2 * window and still >= window:
+            break
     return est.detach()
 
 

@@ -14,8 +14,17 @@ from . import diagnostics, solvers
 from ._errors import FoldConvergenceWarning, FoldError
 from .fold import FoldInfo, fold
 
-__all__ = ["fold", "FoldInfo", "FoldError", "FoldConvergenceWarning", "solvers", "diagnostics",
-           "steps", "projections", "verify"]
+__all__ = [
+    "FoldConvergenceWarning",
+    "FoldError",
+    "FoldInfo",
+    "diagnostics",
+    "fold",
+    "projections",
+    "solvers",
+    "steps",
+    "verify",
+]
 __version__ = "0.1.0"
 
 

@@ -17,8 +17,13 @@ from torch import Tensor
 from ._errors import FoldError
 from .fold import State, linearize
 
-__all__ = ["spectral_radius", "fixed_point_residual", "predicted_unroll_error",
-           "unroll_iterations_needed", "unrolling_report"]
+__all__ = [
+    "fixed_point_residual",
+    "predicted_unroll_error",
+    "spectral_radius",
+    "unroll_iterations_needed",
+    "unrolling_report",
+]
 
 
 def spectral_radius(step: Callable, x_star: State, *params: Any, batched: bool = True,
@@ -117,7 +122,7 @@ def spectral_radius(step: Callable, x_star: State, *params: Any, batched: bool =
 
 def fixed_point_residual(step: Callable, x_star: State, *params: Any, batched: bool = True,
                          relative: bool = True) -> Tensor:
-    """``(B,)`` residual ``‖U(x*) − x*‖`` per instance, divided by ``1 + ‖x*‖`` when ``relative``."""
+    """``(B,)`` residual ``‖U(x*) − x*‖`` per instance, over ``1 + ‖x*‖`` when ``relative``."""
     lin = linearize(step, x_star, *params, batched=batched)
     with torch.no_grad():
         if relative:

@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 from ._errors import FoldConvergenceWarning, FoldError
 from .solvers import SolveInfo, get_solver
 
-__all__ = ["fold", "FoldInfo", "Linearization", "linearize", "default_fixed_point_tol"]
+__all__ = ["FoldInfo", "Linearization", "default_fixed_point_tol", "fold", "linearize"]
 
 State = Tensor | tuple[Tensor, ...]
 
@@ -70,7 +70,7 @@ class FoldInfo:
 
     @property
     def converged(self) -> Tensor | None:
-        """``(B,)`` bool: forward (when known) and backward both converged; ``None`` before backward."""
+        """``(B,)`` bool: forward (when known) and backward converged; ``None`` before backward."""
         if self.backward_converged is None:
             return None
         ok = self.backward_converged
@@ -240,7 +240,29 @@ class Linearization:
 
     @property
     def requires_grad(self) -> bool:
-        return bool(self._diff)
+        """Whether the step's output depends on any tensor that needs a gradient besides ``x``.
+
+        Walks the one-step graph until it meets a leaf other than the state copies (cheap: it
+        stops at the first such leaf). Without one the folded backward would be a pointless
+        solve, so :func:`fold` returns the value without a graph.
+        """
+        if not self._diff:
+            return False
+        own = {id(x) for x in self.x_parts}
+        seen: set[int] = set()
+        stack = [self.out_parts[i].grad_fn for i in self._diff]
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            var = getattr(node, "variable", None)
+            if var is not None:  # an AccumulateGrad node: a leaf that requires grad
+                if id(var) not in own:
+                    return True
+                continue
+            stack.extend(nf for nf, _ in node.next_functions)
+        return False
 
     def residual(self) -> Tensor:
         """``(B,)`` relative fixed-point residual ``‖U(x*) − x*‖ / (1 + ‖x*‖)``."""
@@ -272,7 +294,7 @@ class Linearization:
                                     retain_graph=True, allow_unused=True,
                                     is_grads_batched=batched)
         rows = []
-        for g, x, size in zip(grads, self.x_parts, self.spec.sizes):
+        for g, size in zip(grads, self.spec.sizes):
             if g is None:
                 rows.append(v.new_zeros(*lead, self.spec.B, size))
             else:
@@ -297,7 +319,7 @@ class _IminusPhiT:
 
 
 def linearize(step: Callable, x_star: State, *params: Any, batched: bool = True) -> Linearization:
-    """Validate inputs and evaluate one differentiable step at ``x_star`` (see :class:`Linearization`)."""
+    """Validate inputs and take one differentiable step at ``x_star`` (a :class:`Linearization`)."""
     if not callable(step):
         raise FoldError(f"step must be callable step(x, *params) -> x, got {type(step).__name__}.")
     x_parts, tuple_state = _as_parts(x_star, "x_star")
@@ -384,7 +406,7 @@ class _Backward:
 
 
 class _FoldFunction(torch.autograd.Function):
-    """Forward: return ``x*`` (clones). Backward: ``v = (I − Φᵀ)⁻¹ g`` sent into the step's graph."""
+    """Forward: ``x*`` (clones). Backward: ``v = (I − Φᵀ)⁻¹ g`` sent into the step's graph."""
 
     @staticmethod
     def forward(ctx, state: _Backward, x_values: tuple[Tensor, ...], *out_parts: Tensor):

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ._errors import FoldError
 
-__all__ = ["SolveInfo", "fixed_point", "gmres", "bicgstab", "dense", "get_solver", "SOLVERS"]
+__all__ = ["SOLVERS", "SolveInfo", "bicgstab", "dense", "fixed_point", "get_solver", "gmres"]
 
 MatVec = Callable[[Tensor], Tensor]
 

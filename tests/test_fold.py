@@ -71,7 +71,7 @@ def logistic_problem(B=2, m=40, n=5, seed=0):
         x = torch.zeros(B, n, dtype=DT)
         for _ in range(50):
             gr = grad_f(x.requires_grad_(True), th).detach()
-            H = hess(x.detach(), th)  # noqa: N806
+            H = hess(x.detach(), th)
             x = (x.detach() - torch.linalg.solve(H, gr)).detach()
             if gr.abs().max() < 1e-15:
                 break
@@ -322,6 +322,12 @@ def test_zero_cotangent_needs_no_solve():
     assert info.backward_matvecs == 0 and bool(info.backward_converged.all())
 
 
+def test_nothing_to_differentiate_returns_value_without_graph():
+    step, solve, _, theta = linear_problem()
+    x = fp.fold(step, solve(theta), theta)  # theta does not require grad
+    assert not x.requires_grad
+
+
 def test_no_grad_returns_value_without_graph():
     step, solve, _, theta = linear_problem()
     th = theta.clone().requires_grad_(True)
@@ -389,7 +395,8 @@ def test_fixed_point_divergence_warns_with_remedy_and_strict_raises():
 def test_not_a_fixed_point_warns_and_strict_raises():
     step, solve, _, theta = linear_problem()
     xs = solve(theta) + 1e-3
-    with pytest.warns(fp.FoldConvergenceWarning, match=r"not a fixed point.*instance\(s\) \[0, 1, 2\]"):
+    match = r"not a fixed point.*instance\(s\) \[0, 1, 2\]"
+    with pytest.warns(fp.FoldConvergenceWarning, match=match):
         fp.fold(step, xs, theta)
     with pytest.raises(fp.FoldError, match="not a fixed point"):
         fp.fold(step, xs, theta, strict=True)

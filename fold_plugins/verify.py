@@ -245,14 +245,19 @@ class GradientReport:
 # ----------------------------------------------------------------------------- comparison
 
 def _autograd_vjps(fn: Callable[..., Any], args: tuple[Any, ...], idx: list[int],
-                   cotangents: list[tuple[Tensor, ...]], what: str,
-                   ) -> tuple[tuple[Tensor, ...], list[list[Tensor]]]:
-    """Outputs of ``fn`` and, per cotangent, the VJP w.r.t. ``args[i]`` for ``i in idx``."""
+                   cotangents: list[tuple[Tensor, ...]] | Callable[..., list], what: str,
+                   ) -> tuple[tuple[Tensor, ...], list[list[Tensor]], list[tuple[Tensor, ...]]]:
+    """Outputs of ``fn`` and, per cotangent, the VJP w.r.t. ``args[i]`` for ``i in idx``.
+
+    ``cotangents`` may be a function of the outputs (drawn after the one call of ``fn``).
+    """
     leaves = list(args)
     for i in idx:
         leaves[i] = args[i].detach().clone().requires_grad_(True)
     with torch.enable_grad():
         outs = _as_outputs(fn(*leaves), what)
+    if callable(cotangents):
+        cotangents = cotangents(outs)
     if cotangents and len(cotangents[0]) != len(outs):
         raise ValueError(f"{what} returns {len(outs)} output(s) but fn returns "
                          f"{len(cotangents[0])}; the two must return the same outputs.")
@@ -270,7 +275,7 @@ def _autograd_vjps(fn: Callable[..., Any], args: tuple[Any, ...], idx: list[int]
                                     retain_graph=n < len(cotangents) - 1, allow_unused=True)
         result.append([torch.zeros_like(leaves[i]) if g is None else g.detach()
                        for i, g in zip(idx, grads)])
-    return tuple(o.detach() for o in outs), result
+    return tuple(o.detach() for o in outs), result, cotangents
 
 
 def _rel(diff_norm: float, ref_norm: float) -> float:
@@ -314,14 +319,14 @@ def compare_gradients(fn: Callable[..., Any], reference: Callable[..., Any] | st
         raise TypeError(f"reference must be a callable or {FINITE_DIFFERENCES!r}, got "
                         f"{type(reference).__name__}.")
 
-    with torch.no_grad():
-        probe = _as_outputs(fn(*args), "fn")
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    cotangents = [tuple(torch.randn(o.shape, generator=gen, dtype=torch.float64)
-                        .to(device=o.device, dtype=o.dtype if o.is_floating_point()
-                            else torch.float64) for o in probe)
-                  for _ in range(n_directions)]
-    outs_a, vjps_a = _autograd_vjps(fn, args, idx, cotangents, "fn")
+    def draw(outs: tuple[Tensor, ...]) -> list[tuple[Tensor, ...]]:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        return [tuple(torch.randn(o.shape, generator=gen, dtype=torch.float64)
+                      .to(device=o.device, dtype=o.dtype if o.is_floating_point()
+                          else torch.float64) for o in outs)
+                for _ in range(n_directions)]
+
+    outs_a, vjps_a, cotangents = _autograd_vjps(fn, args, idx, draw, "fn")
 
     value_error = None
     if is_fd:
@@ -332,7 +337,7 @@ def compare_gradients(fn: Callable[..., Any], reference: Callable[..., Any] | st
             vjps_b.append([g[i] for i in idx])
     else:
         ref_name = getattr(reference, "__name__", type(reference).__name__)
-        outs_b, vjps_b = _autograd_vjps(reference, args, idx, cotangents, "reference")
+        outs_b, vjps_b, _ = _autograd_vjps(reference, args, idx, cotangents, "reference")
         num = math.sqrt(sum(float(((a.to(torch.float64) - b.to(device=a.device,
                                                                 dtype=torch.float64)) ** 2).sum())
                             for a, b in zip(outs_a, outs_b)))

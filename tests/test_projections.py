@@ -1,0 +1,295 @@
+"""Projections: values against closed forms / cvxpy, Jacobians against float64 central
+differences, the documented kink convention, and shape errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fold_plugins as fp
+from fold_plugins import projections as P
+from fold_plugins.steps import QPInfeasibleError, ShapeError
+
+DT = torch.float64
+
+
+def fd_jacobian(fn, x: torch.Tensor, h: float = 1e-6) -> torch.Tensor:
+    """Central-difference Jacobian of ``fn`` (any-shape in/out) in float64: (out.numel, x.numel)."""
+    x = x.detach()
+    cols = []
+    for i in range(x.numel()):
+        e = torch.zeros_like(x).view(-1)
+        e[i] = h
+        e = e.view_as(x)
+        cols.append(((fn(x + e) - fn(x - e)) / (2 * h)).reshape(-1))
+    return torch.stack(cols, dim=1)
+
+
+def ad_jacobian(fn, x: torch.Tensor) -> torch.Tensor:
+    x = x.detach().requires_grad_(True)
+    y = fn(x).reshape(-1)
+    rows = [torch.autograd.grad(y[i], x, retain_graph=True, allow_unused=True)[0]
+            for i in range(y.numel())]
+    return torch.stack([torch.zeros_like(x).reshape(-1) if r is None else r.reshape(-1)
+                        for r in rows])
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def check_jac(fn, x, tol=1e-6):
+    Ja, Jf = ad_jacobian(fn, x), fd_jacobian(fn, x)
+    assert torch.isfinite(Ja).all()
+    assert float(Jf.norm()) > 0  # never a vacuous comparison
+    err = rel(Ja, Jf)
+    print(f"[measured] jacobian vs FD {err:.1e}")
+    assert err <= tol, err
+    return err
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+# ----------------------------------------------------------------------------- simple sets
+
+def test_nonnegative_and_box_values_jacobians():
+    x = torch.randn(4, 6, dtype=DT)
+    assert torch.equal(P.nonnegative(x), x.clamp_min(0))
+    lo, hi = -0.3 * torch.rand(6, dtype=DT), 0.4 * torch.rand(6, dtype=DT)
+    assert torch.equal(P.box(x, lo, hi), torch.maximum(torch.minimum(x, hi), lo))
+    check_jac(P.nonnegative, x)
+    check_jac(lambda t: P.box(t, lo, hi), x)
+    # gradients to the bounds: d out/d lo = 1 where x < lo
+    check_jac(lambda t: P.box(x, t, hi), lo)
+    check_jac(lambda t: P.box(x, lo, t), hi)
+    assert P.box(x.float(), -0.1, 0.2).dtype == torch.float32
+
+
+def test_kink_convention_box_nonnegative():
+    """x exactly on a bound: derivative 1 (free side), finite; bounds get 0."""
+    x = torch.tensor([[0.0, -1.0, 2.0, 0.5]], dtype=DT, requires_grad=True)
+    lo = torch.tensor(0.0, dtype=DT, requires_grad=True)
+    hi = torch.tensor(0.5, dtype=DT, requires_grad=True)
+    P.box(x, lo, hi).sum().backward()
+    assert x.grad.tolist() == [[1.0, 0.0, 0.0, 1.0]]
+    assert lo.grad.item() == 1.0 and hi.grad.item() == 1.0  # from x=-1 and x=2 only
+    x2 = torch.zeros(1, 3, dtype=DT, requires_grad=True)
+    P.nonnegative(x2).sum().backward()
+    assert x2.grad.tolist() == [[1.0, 1.0, 1.0]]
+
+
+def _simplex_ref(v: np.ndarray, r: float) -> np.ndarray:
+    """Independent reference: bisection on τ for Σ max(v − τ, 0) = r."""
+    lo, hi = v.min() - r, v.max()
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if np.maximum(v - mid, 0).sum() > r:
+            lo = mid
+        else:
+            hi = mid
+    return np.maximum(v - 0.5 * (lo + hi), 0)
+
+
+def test_simplex_value_and_jacobian():
+    x = torch.randn(5, 7, dtype=DT)
+    r = torch.tensor([1.0, 2.0, 0.5, 3.0, 1.5], dtype=DT)
+    z = P.simplex(x, r)
+    ref = np.stack([_simplex_ref(x[i].numpy(), float(r[i])) for i in range(5)])
+    assert np.abs(z.numpy() - ref).max() < 1e-12
+    check_jac(lambda t: P.simplex(t, r), x)
+    check_jac(lambda t: P.simplex(x, t), r)
+    # sparsemax closed form on a 2-vector: z1 = clip((x1 - x2 + 1)/2, 0, 1)
+    v = torch.tensor([[0.3, 0.1]], dtype=DT)
+    assert torch.allclose(P.simplex(v), torch.tensor([[0.6, 0.4]], dtype=DT), atol=1e-15)
+
+
+def test_simplex_kink_tie_is_finite_and_free():
+    """x3 exactly at the threshold τ = 0: counted in the support (free convention)."""
+    x = torch.tensor([[0.5, 0.5, 0.0]], dtype=DT)
+    J = ad_jacobian(lambda t: P.simplex(t), x)
+    assert torch.isfinite(J).all()
+    expected = torch.eye(3, dtype=DT) - torch.full((3, 3), 1 / 3, dtype=DT)
+    assert torch.allclose(J, expected, atol=1e-15)
+    # equals the one-sided FD from the free side (raise x3 slightly)
+    Jf = fd_jacobian(lambda t: P.simplex(t), x + torch.tensor([[0, 0, 1e-4]], dtype=DT), h=1e-7)
+    assert rel(J, Jf) < 1e-6
+
+
+def test_k_subset_value_vs_cvxpy_and_jacobian():
+    cp = pytest.importorskip("cvxpy")
+    x = torch.randn(3, 8, dtype=DT)
+    k = torch.tensor([2.0, 3.5, 5.0], dtype=DT)
+    z = P.k_subset(x, k)
+    for i in range(3):
+        zv = cp.Variable(8)
+        prob = cp.Problem(cp.Minimize(cp.sum_squares(zv - x[i].numpy())),
+                          [zv >= 0, zv <= 1, cp.sum(zv) == float(k[i])])
+        prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+        assert np.abs(zv.value - z[i].numpy()).max() < 1e-7
+    assert torch.allclose(z.sum(-1), k, atol=1e-13)
+    check_jac(lambda t: P.k_subset(t, k), x)
+    check_jac(lambda t: P.k_subset(x, t), k)
+
+
+def test_k_subset_empty_free_set_zero_gradient():
+    """k integer and a wide gap: the solution is a vertex, locally constant → zero gradient."""
+    x = torch.tensor([[3.0, 2.9, -1.0, -2.0]], dtype=DT, requires_grad=True)
+    z = P.k_subset(x, 2)
+    assert z.tolist() == [[1.0, 1.0, 0.0, 0.0]]
+    (z * torch.arange(4, dtype=DT)).sum().backward()
+    assert torch.isfinite(x.grad).all() and float(x.grad.abs().max()) == 0.0
+
+
+def test_l2_ball():
+    x = torch.randn(4, 5, dtype=DT) * torch.tensor([[0.1], [1.0], [3.0], [0.2]], dtype=DT)
+    r = torch.tensor([1.0, 0.5, 2.0, 1.0], dtype=DT)
+    z = P.l2_ball(x, r)
+    nx = x.norm(dim=1, keepdim=True)
+    assert torch.allclose(z, torch.where(nx > r[:, None], x * r[:, None] / nx, x), atol=1e-15)
+    check_jac(lambda t: P.l2_ball(t, r), x)
+    check_jac(lambda t: P.l2_ball(x, t), r)
+    # on the sphere: identity Jacobian (free convention); at 0: identity, no NaN
+    s = torch.tensor([[0.6, 0.8]], dtype=DT)
+    assert torch.equal(ad_jacobian(lambda t: P.l2_ball(t, 1.0), s), torch.eye(2, dtype=DT))
+    assert torch.equal(ad_jacobian(lambda t: P.l2_ball(t, 1.0), torch.zeros(1, 2, dtype=DT)),
+                       torch.eye(2, dtype=DT))
+
+
+def test_l1_ball_vs_cvxpy_and_jacobian():
+    cp = pytest.importorskip("cvxpy")
+    x = torch.randn(3, 6, dtype=DT)
+    x[2] *= 0.05  # inside the ball
+    z = P.l1_ball(x, 1.0)
+    for i in range(3):
+        zv = cp.Variable(6)
+        cp.Problem(cp.Minimize(cp.sum_squares(zv - x[i].numpy())), [cp.norm1(zv) <= 1]).solve(
+            solver=cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+        assert np.abs(zv.value - z[i].numpy()).max() < 1e-7
+    assert torch.equal(z[2], x[2])
+    check_jac(lambda t: P.l1_ball(t, 1.0), x)
+    rr = torch.tensor([1.0, 0.7, 1.0], dtype=DT)
+    check_jac(lambda t: P.l1_ball(x, t), rr)
+
+
+def test_affine_and_halfspace():
+    x = torch.randn(3, 6, dtype=DT)
+    A = torch.randn(2, 6, dtype=DT)
+    b = torch.randn(3, 2, dtype=DT)
+    z = P.affine(x, A, b)
+    assert torch.allclose(z @ A.T, b, atol=1e-13)
+    # closed form via the pseudo-inverse
+    zp = x - (torch.linalg.pinv(A) @ (x @ A.T - b).T).T
+    assert torch.allclose(z, zp, atol=1e-13)
+    check_jac(lambda t: P.affine(t, A, b), x)
+    check_jac(lambda t: P.affine(x, t, b), A)
+    check_jac(lambda t: P.affine(x, A, t), b)
+    a = torch.randn(6, dtype=DT)
+    bb = x @ a - torch.tensor([0.5, -0.5, 1.0], dtype=DT)  # rows 0 and 2 violated
+    zh = P.halfspace(x, a, bb)
+    assert float((zh @ a - bb).max()) < 1e-13
+    viol = (x @ a - bb).clamp_min(0)
+    assert torch.allclose(zh, x - viol[:, None] * a / (a @ a), atol=1e-15)
+    check_jac(lambda t: P.halfspace(t, a, bb), x)
+    check_jac(lambda t: P.halfspace(x, t, bb), a)
+    # on the hyperplane: identity (free convention)
+    on = torch.tensor([[1.0, 0.0]], dtype=DT)
+    assert torch.equal(ad_jacobian(lambda t: P.halfspace(t, torch.tensor([1.0, 0.0],
+                                                                         dtype=DT), 1.0), on),
+                       torch.eye(2, dtype=DT))
+
+
+# ----------------------------------------------------------------------------- polytope
+
+def _poly_data(B=2, n=6, m=2, p=4):
+    x = torch.randn(B, n, dtype=DT) * 2
+    A = torch.randn(m, n, dtype=DT)
+    b = torch.randn(B, m, dtype=DT) * 0.3
+    G = torch.randn(p, n, dtype=DT)
+    h = torch.rand(p, dtype=DT) * 0.2 + (G @ torch.linalg.pinv(A) @ b.T).T.amax(0)
+    return x, A, b, G, h
+
+
+def test_polytope_value_vs_cvxpy():
+    cp = pytest.importorskip("cvxpy")
+    x, A, b, G, h = _poly_data()
+    z = P.polytope(x, A, b, G, h)
+    for i in range(x.shape[0]):
+        zv = cp.Variable(x.shape[1])
+        cp.Problem(cp.Minimize(cp.sum_squares(zv - x[i].numpy())),
+                   [A.numpy() @ zv == b[i].numpy(), G.numpy() @ zv <= h.numpy()]).solve(
+            solver=cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+        assert np.abs(zv.value - z[i].detach().numpy()).max() < 1e-7
+    # some inequality is active (the test exercises the active set)
+    assert float((z.detach() @ G.T - h).abs().min()) < 1e-10
+
+
+def check_dirs(fn, t: torch.Tensor, n_dirs: int = 4, h: float = 1e-6) -> float:
+    """Random-cotangent, random-direction check: ⟨Jᵀw, d⟩ vs ⟨w, (f(t+hd) − f(t−hd))/2h⟩."""
+    tl = t.detach().clone().requires_grad_(True)
+    out = fn(tl)
+    got, ref = [], []
+    for _ in range(n_dirs):
+        w, d = torch.randn_like(out), torch.randn_like(t)
+        (g,) = torch.autograd.grad(out, tl, w, retain_graph=True)
+        got.append((g * d).sum())
+        ref.append((w * (fn(t + h * d) - fn(t - h * d))).sum() / (2 * h))
+    err = rel(torch.stack(got), torch.stack(ref))
+    assert err <= 1e-6, err
+    return err
+
+
+def test_polytope_jacobians_fd():
+    """Folded ADMM backward vs central differences of the full re-solve, all five inputs
+    (full Jacobians for x, b, h; random directions for the matrices A, G)."""
+    x, A, b, G, h = _poly_data()
+    errs = [check_jac(lambda t: P.polytope(t, A, b, G, h), x),
+            check_dirs(lambda t: P.polytope(x, t, b, G, h), A),
+            check_jac(lambda t: P.polytope(x, A, t, G, h), b),
+            check_dirs(lambda t: P.polytope(x, A, b, t, h), G),
+            check_jac(lambda t: P.polytope(x, A, b, G, t), h)]
+    print(f"[measured] polytope Jacobians vs FD (x, A, b, G, h): "
+          + ", ".join(f"{e:.1e}" for e in errs))
+    assert max(errs) < 1e-6
+
+
+def test_polytope_empty_raises():
+    x = torch.randn(1, 2, dtype=DT)
+    G = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=DT)
+    h = torch.tensor([0.0, -1.0], dtype=DT)  # x1 ≤ 0 and x1 ≥ 1
+    with pytest.raises(QPInfeasibleError, match="primal infeasible"):
+        P.polytope(x, G=G, h=h)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_shape_errors_name_shapes():
+    x = torch.randn(3, 5, dtype=DT)
+    with pytest.raises(ShapeError, match=r"radius has shape \(4,\).*\(3,\)"):
+        P.simplex(x, torch.ones(4, dtype=DT))
+    with pytest.raises(ShapeError, match=r"A has shape \(2, 4\)"):
+        P.affine(x, torch.randn(2, 4, dtype=DT), torch.randn(2, dtype=DT))
+    with pytest.raises(ShapeError, match=r"h has shape \(3,\).*\(2,\)"):
+        P.polytope(x, G=torch.randn(2, 5, dtype=DT), h=torch.randn(3, dtype=DT))
+    with pytest.raises(fp.FoldError, match="lower > upper"):
+        P.box(x, 1.0, 0.0)
+    with pytest.raises(fp.FoldError, match=r"k must lie in \[0, n=5\]"):
+        P.k_subset(x, 6)
+
+
+def test_projections_inside_fold_projected_gradient_sparsemax():
+    """sparsemax as the fixed point of PG on min ½‖z − x‖² over the simplex: fold = closed form."""
+    x = torch.randn(4, 6, dtype=DT, requires_grad=True)
+    step = fp.steps.projected_gradient(lambda z, x: z - x, P.simplex, 0.7)
+    zs = P.simplex(x).detach()
+    z = fp.fold(step, zs, x)
+    w = torch.randn(4, 6, dtype=DT)
+    (gx,) = torch.autograd.grad((z * w).sum(), x)
+    xx = x.detach().requires_grad_(True)
+    (gref,) = torch.autograd.grad((P.simplex(xx) * w).sum(), xx)
+    assert rel(gx, gref) < 1e-9

@@ -1,0 +1,496 @@
+"""Update steps: each small float64 problem is solved tightly, folded, and its gradient checked
+against central finite differences of the full re-solve and a closed-form KKT/IFT gradient.
+Also: weakly active constraints (kinks), infeasible QPs, wrong shapes."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import fold_plugins as fp
+from fold_plugins import projections as PR
+from fold_plugins import steps as S
+
+DT = torch.float64
+TOL = 1e-6
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def fd_directional(loss_of, params: list[torch.Tensor], grads: list[torch.Tensor],
+                   n_dirs: int = 4, h: float = 1e-6, sym: tuple[int, ...] = ()) -> float:
+    """Relative error of ⟨∇L, δ⟩ against (L(θ+hδ) − L(θ−hδ))/2h over random directions δ.
+
+    ``loss_of(*params)`` re-solves the problem from scratch (no graph). ``sym``: indices of
+    matrix params whose perturbation is symmetrised.
+    """
+    got, ref = [], []
+    for _ in range(n_dirs):
+        dirs = []
+        for i, p in enumerate(params):
+            d = torch.randn_like(p)
+            if i in sym:
+                d = 0.5 * (d + d.transpose(-1, -2))
+            dirs.append(d)
+        plus = loss_of(*[p + h * d for p, d in zip(params, dirs)])
+        minus = loss_of(*[p - h * d for p, d in zip(params, dirs)])
+        ref.append((plus - minus) / (2 * h))
+        got.append(sum((g * d).sum() for g, d in zip(grads, dirs)))
+    return rel(torch.stack(got), torch.stack(ref))
+
+
+def leaves(*ts):
+    return [t.detach().clone().requires_grad_(True) for t in ts]
+
+
+# ----------------------------------------------------------------------------- box QP (PG)
+
+def _box_qp(B=3, n=8):
+    M = torch.randn(B, n, n, dtype=DT)
+    P = M @ M.transpose(1, 2) / n + 0.1 * torch.eye(n, dtype=DT)
+    q = torch.randn(B, n, dtype=DT)
+    lo = -0.4 * torch.ones(n, dtype=DT)
+    hi = 0.5 * torch.ones(n, dtype=DT)
+    return P, q, lo, hi
+
+
+def _pg_step(P):
+    return S.projected_gradient(lambda x, P, q: S._common.bmv(P, x) + q, PR.box,
+                                S.quadratic_step_size(P), n_grad_params=2)
+
+
+def _box_truth(P, q, lo, hi, xs):
+    """Closed-form active-set solution (masks from xs), differentiable in P, q, lo, hi."""
+    low, high = xs <= lo + 1e-12, xs >= hi - 1e-12
+    F = ~(low | high)
+    xA = torch.where(low, lo.expand_as(xs), torch.where(high, hi.expand_as(xs),
+                                                        torch.zeros_like(xs)))
+    rhs = torch.where(F, -(q + S._common.bmv(P, xA)), torch.zeros_like(xs))
+    eye = torch.eye(xs.shape[1], dtype=DT).expand_as(P)
+    M = torch.where(F.unsqueeze(2) & F.unsqueeze(1), P, eye)
+    xF = torch.linalg.solve(M, rhs.unsqueeze(-1)).squeeze(-1)
+    return torch.where(F, xF, xA)
+
+
+def test_projected_gradient_box_qp():
+    P, q, lo, hi = _box_qp()
+    step = _pg_step(P)
+
+    def solve(P, q, lo, hi):
+        x, info = S.iterate(_pg_step(P), torch.zeros_like(q), P, q, lo, hi, tol=1e-15,
+                            maxiter=20000, warn=False)
+        return x
+
+    xs = solve(P, q, lo, hi)
+    assert torch.allclose(xs, _box_truth(P, q, lo, hi, xs), atol=1e-13, rtol=0)
+    n_act = int(((xs <= lo + 1e-12) | (xs >= hi - 1e-12)).sum())
+    assert 0 < n_act < xs.numel()  # both free and active coordinates
+    w = torch.randn_like(xs)
+    Pl, ql, lol, hil = leaves(P, q, lo, hi)
+    x, info = fp.fold(step, xs, Pl, ql, lol, hil, tol=1e-12, return_info=True)
+    grads = torch.autograd.grad((x * w).sum(), [Pl, ql, lol, hil])
+    Pt, qt, lot, hit = leaves(P, q, lo, hi)
+    gref = torch.autograd.grad((_box_truth(Pt, qt, lot, hit, xs) * w).sum(), [Pt, qt, lot, hit])
+    err_kkt = max(rel(g, r) for g, r in zip(grads, gref))
+    err_fd = fd_directional(lambda *t: (solve(*t) * w).sum(), [P, q, lo, hi], list(grads),
+                            sym=(0,))
+    print(f"[measured] projected_gradient box QP: rel err vs KKT {err_kkt:.1e}, vs FD "
+          f"{err_fd:.1e}, backward iters {int(info.backward_iterations.max())}")
+    assert err_kkt < 1e-9, err_kkt
+    assert err_fd < TOL, err_fd
+    # ρ(Φ) ≤ (L − μ)/(L + μ) for α = 2/(L + μ)
+    ev = torch.linalg.eigvalsh(P)
+    bound = (ev[:, -1] - ev[:, 0]) / (ev[:, -1] + ev[:, 0])
+    rho = fp.diagnostics.spectral_radius(step, xs, P, q, lo, hi)
+    assert bool((rho <= bound + 1e-8).all()), (rho, bound)
+    # the objective= form gives the same gradient
+    f = lambda x, P, q: 0.5 * (x * S._common.bmv(P, x)).sum(1) + (q * x).sum(1)  # noqa: E731
+    step2 = S.projected_gradient(projection=PR.box, step_size=S.quadratic_step_size(P),
+                                 objective=f, n_grad_params=2)
+    ql2 = q.clone().requires_grad_(True)
+    (g2,) = torch.autograd.grad((fp.fold(step2, xs, P, ql2, lo, hi) * w).sum(), ql2)
+    assert rel(g2, gref[1]) < 1e-9
+
+
+# ----------------------------------------------------------------------------- gradient descent
+
+def test_gradient_descent_quadratic_fixed_point_solver():
+    P, q, _, _ = _box_qp(B=2, n=5)
+    xs = -torch.linalg.solve(P, q.unsqueeze(-1)).squeeze(-1)
+    ql = q.clone().requires_grad_(True)
+    step = S.gradient_descent(lambda x, q: S._common.bmv(P, x) + q, S.quadratic_step_size(P))
+    w = torch.randn_like(xs)
+    (g,) = torch.autograd.grad((fp.fold(step, xs, ql, solver="fixed_point", tol=1e-13,
+                                        maxiter=20000) * w).sum(), ql)
+    ref = -torch.linalg.solve(P, w.unsqueeze(-1)).squeeze(-1)  # P symmetric
+    print(f"[measured] gradient_descent (LFPI backward): rel err vs closed form {rel(g, ref):.1e}")
+    assert rel(g, ref) < 1e-10
+
+
+# ----------------------------------------------------------------------------- mirror descent
+
+@pytest.mark.parametrize("eta_scale,expected_rho", [(1.0, 0.0), (0.5, 0.5)])
+def test_mirror_descent_entropy_lp(eta_scale, expected_rho):
+    B, n = 3, 6
+    c = torch.randn(B, n, dtype=DT)
+    eps = torch.tensor(0.3, dtype=DT)
+    r = torch.tensor(2.0, dtype=DT, requires_grad=True)
+
+    def grad(x, c, eps):
+        return c + eps * (1 + torch.log(x))
+
+    step = S.mirror_descent(grad, step_size=eta_scale / float(eps), radius=r)
+    xs, it = S.iterate(step, torch.full((B, n), 2.0 / n, dtype=DT), c, eps, tol=1e-15,
+                       maxiter=500)
+    closed = 2.0 * torch.softmax(-c / eps, dim=1)
+    assert torch.allclose(xs, closed, atol=1e-14, rtol=0)
+    cl, el = leaves(c, eps)
+    x, info = fp.fold(step, xs, cl, el, return_info=True)
+    w = torch.randn_like(xs)
+    g = torch.autograd.grad((x * w).sum(), [cl, el, r])
+    ct, et, rt = leaves(c, eps, r)
+    gref = torch.autograd.grad((rt * torch.softmax(-ct / et, 1) * w).sum(), [ct, et, rt])
+    err = max(rel(a, b) for a, b in zip(g, gref))
+    rho = fp.diagnostics.spectral_radius(step, xs, c, eps)
+    print(f"[measured] mirror_descent η={eta_scale}/ε: rel err vs closed form {err:.1e}, "
+          f"ρ(Φ) {float(rho.max()):.3g}, backward iters {int(info.backward_iterations.max())}")
+    assert err < 1e-9, err
+    assert float((rho - expected_rho).abs().max()) < 1e-6
+    if expected_rho == 0.0:
+        assert int(info.backward_iterations.max()) <= 1  # Φ = 0: one GMRES iteration
+
+
+# ----------------------------------------------------------------------------- Newton
+
+def _logreg(x, A, lab, mu):
+    z = (A @ x.unsqueeze(-1)).squeeze(-1) * lab
+    return torch.nn.functional.softplus(-z).sum(1) + 0.5 * mu * (x * x).sum(1)
+
+
+def test_newton_logistic_regression():
+    B, N, n = 2, 20, 4
+    A = torch.randn(B, N, n, dtype=DT)
+    lab = torch.sign(torch.randn(B, N, dtype=DT))
+    mu = torch.tensor(0.3, dtype=DT)
+
+    def solve(A, mu):
+        return S.minimize_newton(_logreg, torch.zeros(B, n, dtype=DT), A, lab, mu, tol=1e-15,
+                                 maxiter=50)[0]
+
+    xs = solve(A, mu)
+    step = S.newton(objective=_logreg)
+    Al, ml = leaves(A, mu)
+    x, info = fp.fold(step, xs, Al, lab, ml, return_info=True)
+    w = torch.randn_like(xs)
+    g = torch.autograd.grad((x * w).sum(), [Al, ml])
+    assert int(info.backward_iterations.max()) <= 1  # Φ = 0 at t = 1
+    # IFT: dL/dθ = −∂θ⟨∇f(x*, θ), H⁻¹w⟩ with x* and v = H⁻¹w held fixed
+    H = S._common.autograd_hessian(_logreg, xs, (A, lab, mu))
+    v = torch.linalg.solve(H, w.unsqueeze(-1)).squeeze(-1)
+    At, mt = leaves(A, mu)
+    xg = xs.clone().requires_grad_(True)
+    (gf,) = torch.autograd.grad(_logreg(xg, At, lab, mt).sum(), xg, create_graph=True)
+    gref = torch.autograd.grad(-(gf * v).sum(), [At, mt])
+    err_ift = max(rel(a, b) for a, b in zip(g, gref))
+    err_fd = fd_directional(lambda A, mu: (solve(A, mu) * w).sum(), [A, mu], list(g))
+    print(f"[measured] newton logreg: rel err vs IFT {err_ift:.1e}, vs FD {err_fd:.1e}")
+    assert err_ift < 1e-9, err_ift
+    assert err_fd < TOL, err_fd
+
+
+# ----------------------------------------------------------------------------- ADMM QP
+
+def _general_qp(B=2, n=8, me=2, mi=6):
+    M = torch.randn(n, n, dtype=DT)
+    P = M @ M.T / n + 0.1 * torch.eye(n, dtype=DT)            # shared
+    q = torch.randn(B, n, dtype=DT)                            # batched
+    A = torch.randn(me + mi, n, dtype=DT)
+    x0 = torch.randn(n, dtype=DT) * 0.3                        # a feasible point
+    b = A[:me] @ x0
+    l = torch.cat([b, torch.full((mi,), -float("inf"), dtype=DT)])
+    u = torch.cat([b, A[me:] @ x0 + 0.1 * torch.rand(mi, dtype=DT)])
+    l[me + mi - 1] = A[-1] @ x0 - 0.05                          # one two-sided row
+    return P, q, A, l, u
+
+
+def _qp_truth(P, q, A, l, u, y):
+    """Active-set KKT solve (masks from the multipliers y), differentiable in P, q, A, l, u."""
+    B, n = q.shape
+    m = A.shape[0]
+    up, lo = y > 1e-9, y < -1e-9
+    act = (up | lo).to(DT)
+    bval = torch.where(up, u.expand(B, m), torch.where(lo, l.expand(B, m),
+                                                       torch.zeros(B, m, dtype=DT)))
+    K = torch.cat([torch.cat([P.expand(B, n, n), A.T.expand(B, n, m)], 2),
+                   torch.cat([act.unsqueeze(2) * A.expand(B, m, n), torch.diag_embed(act - 1)],
+                             2)], 1)
+    s = torch.linalg.solve(K, torch.cat([-q, act * bval], 1).unsqueeze(-1)).squeeze(-1)
+    return s[:, :n]
+
+
+def test_admm_qp_general_qp():
+    P, q, A, l, u = _general_qp()
+    (xs, zs, ys), info = S.solve_qp_admm(P, q, A, l, u, tol=1e-12)
+    assert all(s == "solved" for s in info.status)
+    assert int((ys.abs() > 1e-9).sum()) > 2 * 2  # some inequalities active besides equalities
+    w = torch.randn_like(xs)
+
+    def solve(P, q, A, l, u):
+        return S.solve_qp_admm(P, q, A, l, u, tol=1e-12)[0][0]
+
+    Pl, ql, Al, ll, ul = leaves(P, q, A, l, u)
+    x, finfo, qinfo = S.qp(Pl, ql, Al, ll, ul, return_info=True, admm_options={"tol": 1e-12})
+    g = torch.autograd.grad((x * w).sum(), [Pl, ql, Al, ll, ul])
+    assert all(torch.isfinite(t).all() for t in g)
+    assert float(g[3][2:-1].abs().max()) == 0.0  # infinite lower bounds: zero gradient
+    Pt, qt, At, lt, ut = leaves(P, q, A, l, u)
+    gref = list(torch.autograd.grad((_qp_truth(Pt, qt, At, lt, ut, ys) * w).sum(),
+                                    [Pt, qt, At, lt, ut]))
+    gref[0] = 0.5 * (gref[0] + gref[0].T)  # documented: P's gradient is the symmetric one
+    err_kkt = max(rel(a, b) for a, b in zip(g, gref) if b.norm() > 0)
+    # FD on the finite data: -inf entries of l stay fixed; equality rows move l = u together
+    fin = torch.isfinite(l)
+    eq = l == u
+    l0 = torch.where(fin & ~eq, l, torch.zeros_like(l))
+
+    def loss(P, q, A, lf, u):
+        ll = torch.where(eq, u, torch.where(fin, lf, l))
+        return (solve(P, q, A, ll, u) * w).sum()
+
+    zero = torch.zeros_like(l)
+    err_fd = fd_directional(loss, [P, q, A, l0, u],
+                            [g[0], g[1], g[2], torch.where(fin & ~eq, g[3], zero),
+                             g[4] + torch.where(eq, g[3], zero)], sym=(0,))
+    # ADMM's Φ at a nondegenerate solution: ρ(Φ) < 1
+    rho = fp.diagnostics.spectral_radius(S.admm_qp(rho=qinfo.rho), (xs, zs, ys), P, q, A,
+                                         l.clamp(-S.INF, S.INF), u)
+    print(f"[measured] admm_qp general QP: rel err vs KKT {err_kkt:.1e}, vs FD {err_fd:.1e}, "
+          f"ρ(Φ) {float(rho.max()):.4f}, backward iters {int(finfo.backward_iterations.max())}, "
+          f"forward iters {qinfo.iterations.tolist()}")
+    assert err_kkt < 1e-9, err_kkt
+    assert err_fd < TOL, err_fd
+    assert float(rho.max()) < 1.0
+
+
+def test_admm_qp_batched_params_match_shared():
+    P, q, A, l, u = _general_qp(B=2)
+    Pb, Ab = P.expand(2, -1, -1).clone(), A.expand(2, -1, -1).clone()
+    x1 = S.qp(P, q, A, l, u)
+    x2 = S.qp(Pb, q, Ab, l.expand(2, -1), u.expand(2, -1))
+    assert torch.allclose(x1, x2, atol=1e-12, rtol=0)
+
+
+# ----------------------------------------------------------------------------- SQP (DC3 form)
+
+def _dc3(B=2, n=8, me=3, mi=3):
+    Q = torch.diag(torch.rand(n, dtype=DT))
+    p = torch.rand(n, dtype=DT)
+    A = torch.randn(me, n, dtype=DT)
+    G = torch.randn(mi, n, dtype=DT)
+    b = torch.randn(B, me, dtype=DT)
+    h = (G @ torch.linalg.pinv(A) @ b.T).T.abs() + 0.1
+    f = lambda x, Q, p, A, b, G, h: 0.5 * ((x @ Q) * x).sum(1) + (p * torch.sin(x)).sum(1)  # noqa
+    g = lambda x, Q, p, A, b, G, h: x @ G.T - h  # noqa: E731
+    he = lambda x, Q, p, A, b, G, h: x @ A.T - b  # noqa: E731
+    return f, g, he, (Q, p, A, b, G, h)
+
+
+def test_sqp_dc3_nonconvex_vs_fd():
+    f, g, he, params = _dc3()
+    Q, p, A, b, G, h = params
+    B, n = b.shape[0], Q.shape[0]
+    (xs, lam, nu), info = S.solve_sqp(f, g, he, torch.zeros(B, n, dtype=DT), *params, tol=1e-12)
+    assert bool(info.converged.all())
+    assert float(lam.max()) > 1e-3  # an inequality is active
+    assert float(S.sqp_kkt_residual(f, g, he, xs, lam, nu, *params).max()) < 1e-12
+    w = torch.randn(B, n, dtype=DT)
+    pl = leaves(*params)
+    (x, _, _), finfo = fp.fold(S.sqp(f, g, he), (xs, lam, nu), *pl, return_info=True)
+    grads = torch.autograd.grad((x * w).sum(), pl)
+    assert int(finfo.backward_iterations.max()) <= 2  # exact-Hessian SQP: Φ ≈ 0
+
+    def loss(*t):
+        (xx, _, _), _ = S.solve_sqp(f, g, he, xs, *t, lam0=lam, nu0=nu, tol=1e-13, warn=False)
+        return (xx * w).sum()
+
+    err_fd = fd_directional(loss, list(params), list(grads), n_dirs=3)
+    print(f"[measured] sqp DC3: rel err vs FD {err_fd:.1e}, SQP iters {info.iterations.tolist()}"
+          f", backward iters {int(finfo.backward_iterations.max())}")
+    assert err_fd < TOL, err_fd
+
+
+def test_sqp_indefinite_lagrangian_hessian_is_shifted():
+    """Strongly nonconvex (p scaled ×3): ∇²L is indefinite at the solution, hessian="auto"
+    shifts it; the fixed point (and the folded gradient) is unchanged."""
+    from fold_plugins.steps.nlp import _lagrangian_hessian
+
+    f, g, he, params = _dc3(B=2, n=10, me=3, mi=4)
+    params = (params[0], 3 * params[1], *params[2:])
+    (xs, lam, nu), info = S.solve_sqp(f, g, he, torch.zeros(2, 10, dtype=DT), *params, tol=1e-12,
+                                      maxiter=300)
+    assert bool(info.converged.all())
+    min_eig = torch.linalg.eigvalsh(_lagrangian_hessian(f, g, he, xs, lam, nu, params))[:, 0]
+    assert float(min_eig.min()) < 0
+    w = torch.randn(2, 10, dtype=DT)
+    pl = leaves(*params)
+    (x, _, _), finfo = fp.fold(S.sqp(f, g, he), (xs, lam, nu), *pl, return_info=True)
+    grads = torch.autograd.grad((x * w).sum(), pl)
+
+    def loss(*t):
+        (xx, _, _), _ = S.solve_sqp(f, g, he, xs, *t, lam0=lam, nu0=nu, tol=1e-13, warn=False,
+                                    maxiter=300)
+        return (xx * w).sum()
+
+    err_fd = fd_directional(loss, list(params), list(grads), n_dirs=2)
+    print(f"[measured] sqp indefinite ∇²L (min eig {float(min_eig.min()):.2f}): rel err vs FD "
+          f"{err_fd:.1e}, SQP iters {info.iterations.tolist()}, backward iters "
+          f"{finfo.backward_iterations.tolist()}")
+    assert err_fd < TOL, err_fd
+
+
+# ----------------------------------------------------------------------------- TV (FDPG)
+
+def _tv_truth(y, lam, D, u):
+    """Dual active-set solution (masks and signs from u), x = y − Dᵀu; differentiable."""
+    B, m = u.shape
+    lm = lam.reshape(B, 1).expand(B, m)
+    act = u.abs() >= lm * (1 - 1e-9)
+    G = D @ D.T
+    M = torch.where(act.unsqueeze(2), torch.eye(m, dtype=DT).expand(B, m, m), G.expand(B, m, m))
+    rhs = torch.where(act, torch.sign(u) * lm, y @ D.T)
+    uu = torch.linalg.solve(M, rhs.unsqueeze(-1)).squeeze(-1)
+    return y - uu @ D
+
+
+def test_fdpg_tv_learnable_D_and_lambda():
+    B, n = 3, 25
+    y = torch.cumsum(torch.randn(B, n, dtype=DT), 1) * 0.3 + 0.2 * torch.randn(B, n, dtype=DT)
+    lam = torch.tensor([0.3, 0.6, 1.0], dtype=DT)
+    D = S.difference_matrix(n) + 0.05 * torch.randn(n - 1, n, dtype=DT)
+
+    def solve(y, lam, D):
+        u, info = S.solve_tv(y, lam, D, tol=1e-15, maxiter=50000, warn=False)
+        return S.tv_primal(u, y, D)
+
+    u, info = S.solve_tv(y, lam, D, tol=1e-14)
+    assert bool(info.converged.all())
+    act = u.abs() >= lam[:, None] * (1 - 1e-9)
+    assert 0 < int(act.sum()) < act.numel()
+    w = torch.randn(B, n, dtype=DT)
+    yl, ll, Dl = leaves(y, lam, D)
+    x = S.tv_denoise(yl, ll, Dl, tol=1e-14)
+    g = torch.autograd.grad((x * w).sum(), [yl, ll, Dl])
+    yt, lt, Dt = leaves(y, lam, D)
+    gref = torch.autograd.grad((_tv_truth(yt, lt, Dt, u) * w).sum(), [yt, lt, Dt])
+    err_kkt = max(rel(a, b) for a, b in zip(g, gref))
+    err_fd = fd_directional(lambda *t: (solve(*t) * w).sum(), [y, lam, D], list(g))
+    # ρ(Φ) < 1 with the default t = 1/‖D‖²
+    rho = fp.diagnostics.spectral_radius(S.fdpg_tv(), u, y, lam, D)
+    print(f"[measured] fdpg_tv: rel err vs KKT {err_kkt:.1e}, vs FD {err_fd:.1e}, ρ(Φ) "
+          f"{float(rho.max()):.4f}, forward iters {info.iterations.tolist()}")
+    assert err_kkt < 1e-9, err_kkt
+    assert err_fd < TOL, err_fd
+    assert float(rho.max()) < 1.0
+
+
+# ----------------------------------------------------------------------------- degenerate cases
+
+def test_kink_weakly_active_box_qp_gradient_is_free_side():
+    """x*_0 = 0 = lower with ∂f/∂x_0 = 0 exactly: the PG step sits on the projection's kink.
+    Documented gradient: the free side, dx_0/dq_0 = −1 (equal to the one-sided FD for q_0↓)."""
+    P = torch.eye(3, dtype=DT)
+    q = torch.tensor([[0.0, 0.7, -2.0]], dtype=DT, requires_grad=True)
+    lo, hi = torch.zeros(3, dtype=DT), torch.ones(3, dtype=DT)
+    xs = torch.tensor([[0.0, 0.0, 1.0]], dtype=DT)
+    x = fp.fold(_pg_step(P), xs, P, q, lo, hi, strict=True)
+    (g,) = torch.autograd.grad(x[0, 0], q)
+    assert torch.isfinite(g).all()
+    assert g.tolist() == [[-1.0, 0.0, 0.0]]
+    h = 1e-6  # one-sided FD from the free side: x_0(q_0 = −h) = h
+    assert abs((h - 0.0) / (-h) - g[0, 0].item()) < 1e-12
+
+
+def test_kink_weakly_active_admm_qp_is_finite():
+    """min ½‖x‖² + qᵀx s.t. x_0 ≤ 0 with q_0 = 0: x_0 = 0, y_0 = 0 (weakly active). Folded
+    gradient: the free side, dx_0/dq_0 = −1, finite (no NaN), for every backward solver."""
+    n = 3
+    P = torch.eye(n, dtype=DT)
+    A = torch.eye(n, dtype=DT)[:1]
+    l = torch.tensor([-S.INF], dtype=DT)
+    u = torch.zeros(1, dtype=DT)
+    q = torch.tensor([[0.0, 0.5, -1.0]], dtype=DT, requires_grad=True)
+    state = (torch.tensor([[0.0, -0.5, 1.0]], dtype=DT), torch.zeros(1, 1, dtype=DT),
+             torch.zeros(1, 1, dtype=DT))
+    for solver in ("gmres", "dense"):
+        x, _, _ = fp.fold(S.admm_qp(), state, P, q, A, l, u, solver=solver, strict=True)
+        (g,) = torch.autograd.grad(x[0].sum(), q)
+        assert torch.isfinite(g).all()
+        assert torch.allclose(g, -torch.ones_like(g), atol=1e-10)
+
+
+def test_infeasible_qp_raises_clear_error():
+    inf = float("inf")
+    P = torch.eye(2, dtype=DT)
+    A = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=DT)
+    q = torch.zeros(3, 2, dtype=DT)
+    l = torch.tensor([[1.0, -inf], [0.0, -inf], [1.0, -inf]], dtype=DT)
+    u = torch.tensor([[inf, 2.0], [inf, 1.0], [inf, 0.0]], dtype=DT)  # instance 2: x ≥ 1, x ≤ 0
+    with pytest.raises(S.QPInfeasibleError, match=r"primal infeasible for instance\(s\) \[2\]"):
+        S.solve_qp_admm(P, q, A, l, u)
+    with pytest.raises(S.QPInfeasibleError, match="primal infeasible"):
+        S.qp(P, q, A, l, u)  # the differentiable layer raises from its forward, no gradient
+    (_, _, _), info = S.solve_qp_admm(P, q, A, l, u, raise_infeasible=False)
+    assert info.status == ["solved", "solved", "primal_infeasible"]
+    # unbounded objective (dual infeasible): min −1ᵀx s.t. x ≥ 0
+    with pytest.raises(S.QPInfeasibleError, match="dual infeasible"):
+        S.solve_qp_admm(torch.zeros(2, 2, dtype=DT), -torch.ones(2, dtype=DT),
+                        torch.eye(2, dtype=DT), torch.zeros(2, dtype=DT),
+                        torch.full((2,), inf, dtype=DT))
+    with pytest.raises(S.QPInfeasibleError, match="l > u"):
+        S.solve_qp_admm(P, q, A, torch.ones(2, dtype=DT), torch.zeros(2, dtype=DT))
+
+
+def test_wrong_shapes_rejected_with_shapes_named():
+    P, q, A, l, u = _general_qp(B=2, n=8)
+    with pytest.raises(S.ShapeError, match=r"P has shape \(7, 7\).*\(8, 8\)"):
+        S.solve_qp_admm(torch.eye(7, dtype=DT), q, A, l, u)
+    state = (torch.zeros(2, 8, dtype=DT), torch.zeros(2, 8, dtype=DT), torch.zeros(2, 8, dtype=DT))
+    with pytest.raises(S.ShapeError, match=r"q has shape \(3, 8\).*\(2, 8\)"):
+        S.admm_qp()(state, P, torch.zeros(3, 8, dtype=DT), A, l, u)
+    with pytest.raises(S.ShapeError, match=r"A has shape \(8, 5\)"):
+        S.admm_qp()(state, P, q, A[:, :5], l, u)
+    with pytest.raises(S.ShapeError, match=r"D has shape \(4, 6\), expected \(9, 10\)"):
+        S.fdpg_tv()(torch.zeros(2, 9, dtype=DT), torch.zeros(2, 10, dtype=DT), 0.1,
+                    torch.zeros(4, 6, dtype=DT))
+    with pytest.raises(S.ShapeError, match=r"step_size has shape \(5,\)"):
+        S.gradient_descent(lambda x: x, torch.ones(5, dtype=DT))(torch.zeros(2, 3, dtype=DT))
+    with pytest.raises(S.ShapeError, match=r"state must be a \(B, n\) tensor, got \(3,\)"):
+        S.mirror_descent(lambda x: x)(torch.ones(3, dtype=DT))
+    f, g, he, params = _dc3()
+    st = (torch.zeros(2, 8, dtype=DT), torch.zeros(2, 5, dtype=DT), torch.zeros(2, 3, dtype=DT))
+    with pytest.raises(S.ShapeError, match=r"λ has shape \(2, 5\).*\(2, 3\)"):
+        S.sqp(f, g, he)(st, *params)
+
+
+def test_steps_keep_dtype_float32():
+    P, q, A, l, u = _general_qp(B=2)
+    P32, q32, A32 = P.float(), q.float(), A.float()
+    (x, z, y), _ = S.solve_qp_admm(P32, q32, A32, l.float(), u.float(), tol=1e-5,
+                                   warn=False)
+    assert x.dtype == torch.float32 and y.dtype == torch.float32
+    out = S.admm_qp()((x, z, y), P32, q32, A32, l.float().clamp(-S.INF, S.INF), u.float())
+    assert all(t.dtype == torch.float32 for t in out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        xm, _ = S.iterate(S.mirror_descent(lambda x: x, 0.1), torch.full((2, 3), 1 / 3), maxiter=3)
+    assert xm.dtype == torch.float32

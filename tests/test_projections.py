@@ -253,7 +253,7 @@ def test_polytope_jacobians_fd():
             check_jac(lambda t: P.polytope(x, A, t, G, h), b),
             check_dirs(lambda t: P.polytope(x, A, b, t, h), G),
             check_jac(lambda t: P.polytope(x, A, b, G, t), h)]
-    print(f"[measured] polytope Jacobians vs FD (x, A, b, G, h): "
+    print("[measured] polytope Jacobians vs FD (x, A, b, G, h): "
           + ", ".join(f"{e:.1e}" for e in errs))
     assert max(errs) < 1e-6
 

@@ -15,7 +15,6 @@ from fold_plugins.verify import (
 )
 
 
-
 @pytest.fixture(autouse=True)
 def _float64_default():
     old = torch.get_default_dtype()
@@ -53,7 +52,6 @@ def test_fd_exp_is_second_order_accurate():
 
 def test_fd_forward_difference_would_fail():
     # sanity of the threshold above: a one-sided difference on exp misses by ~h/2
-    x = torch.tensor([0.3])
     h = 1e-6
     one_sided = (math.exp(0.3 + h) - math.exp(0.3)) / h
     assert abs(one_sided - math.exp(0.3)) / math.exp(0.3) > 1e-7

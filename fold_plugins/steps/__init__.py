@@ -20,10 +20,18 @@ fdpg_tv              ½‖x−y‖²+‖λ⊙Dx‖₁ (dual)           u (B, m);
 from __future__ import annotations
 
 from ._common import ShapeError
-from .gradient import (IterateInfo, gradient_descent, iterate, minimize_newton, mirror_descent,
-                       newton, projected_gradient, quadratic_step_size)
-from .quadprog import INF, QPInfeasibleError, QPInfo, admm_qp, qp, qp_kkt_residual, solve_qp_admm
+from .gradient import (
+                       IterateInfo,
+                       gradient_descent,
+                       iterate,
+                       minimize_newton,
+                       mirror_descent,
+                       newton,
+                       projected_gradient,
+                       quadratic_step_size,
+)
 from .nlp import SQPInfo, solve_sqp, sqp, sqp_kkt_residual
+from .quadprog import INF, QPInfeasibleError, QPInfo, admm_qp, qp, qp_kkt_residual, solve_qp_admm
 from .tv import TVInfo, difference_matrix, fdpg_tv, solve_tv, tv_denoise, tv_primal
 
 __all__ = ["gradient_descent", "projected_gradient", "mirror_descent", "newton", "admm_qp", "sqp",

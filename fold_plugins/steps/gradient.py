@@ -19,8 +19,13 @@ import torch
 from torch import Tensor
 
 from .._errors import FoldConvergenceWarning, FoldError
-from ._common import ShapeError, autograd_grad, autograd_hessian, autograd_jacobian, \
-    check_batch_scalar
+from ._common import (
+    ShapeError,
+    autograd_grad,
+    autograd_hessian,
+    autograd_jacobian,
+    check_batch_scalar,
+)
 
 __all__ = ["gradient_descent", "projected_gradient", "mirror_descent", "newton", "iterate",
            "IterateInfo", "minimize_newton", "quadratic_step_size"]
@@ -285,7 +290,7 @@ def iterate(step: Callable, x0: Tensor | tuple[Tensor, ...], *params: Any, tol: 
     done = torch.zeros(B, dtype=torch.bool, device=parts[0].device)
     res = torch.full((B,), torch.inf, dtype=parts[0].dtype, device=parts[0].device)
     with torch.no_grad():
-        for k in range(maxiter):
+        for _k in range(maxiter):
             out = step(parts if tuple_state else parts[0], *params)
             new = tuple(out) if tuple_state else (out,)
             r = (_flat(new, B) - _flat(parts, B)).norm(dim=1) / (1 + _flat(parts, B).norm(dim=1))

@@ -8,7 +8,6 @@ a forward (and its backward) exposes ``last_info`` as a :class:`fold_plugins.Fol
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 import fold_plugins as fp
+from fold_plugins._errors import report_unconverged
 from fold_plugins.solvers import get_solver
 
 __all__ = ["FoldedModule"]
@@ -63,18 +63,9 @@ class FoldedModule(nn.Module):
     def _report_forward(self, converged: Tensor, residual: Tensor, what: str,
                         remedy: str) -> None:
         """Warn (or raise when ``strict``) naming the instances whose forward did not converge."""
-        bad = ~converged.detach().to(torch.bool)
-        if not bool(bad.any()):
-            return
-        idx = torch.nonzero(bad.cpu()).flatten().tolist()
-        res = residual.detach().reshape(-1)
-        worst = float(res[bad.reshape(-1)].max()) if res.numel() == bad.numel() else float("nan")
-        msg = (f"{what}: forward did not converge for instance(s) {idx[:20]}"
-               f"{' …' if len(idx) > 20 else ''} of {bad.numel()} (error up to {worst:.2e}). "
-               f"Their gradients are biased. Remedy: {remedy}.")
-        if self.strict:
-            raise fp.FoldError(msg)
-        warnings.warn(msg, fp.FoldConvergenceWarning, stacklevel=3)
+        bad = ~converged.detach().to(torch.bool).reshape(-1)
+        report_unconverged(bad, residual, f"{what}: forward (gradients of these instances are "
+                           "biased)", remedy, self.strict, stacklevel=4)
 
     def extra_repr(self) -> str:
         name = self.backward if isinstance(self.backward, str) else getattr(

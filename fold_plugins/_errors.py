@@ -1,6 +1,8 @@
-"""Errors and warnings raised by fold_plugins."""
+"""Errors and warnings raised by fold_plugins, and the one way non-convergence is reported."""
 
 from __future__ import annotations
+
+import warnings
 
 
 class FoldError(RuntimeError):
@@ -9,3 +11,33 @@ class FoldError(RuntimeError):
 
 class FoldConvergenceWarning(RuntimeWarning):
     """A forward or backward solve did not reach its tolerance; the gradient may be inexact."""
+
+
+def instance_list(mask, limit: int = 20) -> str:
+    """``"[0, 3] of 5"`` for a ``(B,)`` bool mask (the first ``limit`` indices, then ``…``)."""
+    flat = mask.detach().reshape(-1).cpu()
+    idx = flat.nonzero().flatten().tolist()
+    more = " …" if len(idx) > limit else ""
+    return f"{idx[:limit]}{more} of {flat.numel()}"
+
+
+def report_unconverged(mask, residual, what: str, remedy: str, strict: bool = False,
+                       stacklevel: int = 3) -> None:
+    """Warn (``FoldConvergenceWarning``) or raise (``FoldError`` when ``strict``) naming the
+    instances where ``mask`` is true, their worst ``residual`` and a remedy. No-op if none.
+
+    Args:
+        mask: ``(B,)`` bool, true where the instance did not converge.
+        residual: ``(B,)`` error measure per instance (or a scalar).
+        what: what did not converge, e.g. ``"ADMM forward"``.
+    """
+    if not bool(mask.any()):
+        return
+    res = residual.detach()
+    worst = float(res.reshape(-1)[mask.reshape(-1)].max()) if res.numel() == mask.numel() \
+        else float(res.max())
+    msg = (f"{what} did not converge for instance(s) {instance_list(mask)} (error up to "
+           f"{worst:.2e}). Remedy: {remedy}.")
+    if strict:
+        raise FoldError(msg)
+    warnings.warn(msg, FoldConvergenceWarning, stacklevel=stacklevel)

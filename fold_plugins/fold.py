@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._errors import FoldConvergenceWarning, FoldError
+from ._errors import FoldConvergenceWarning, FoldError, instance_list, report_unconverged
 from .solvers import SolveInfo, get_solver
 
 __all__ = ["FoldInfo", "Linearization", "default_fixed_point_tol", "fold", "linearize"]
@@ -329,10 +329,6 @@ def linearize(step: Callable, x_star: State, *params: Any, batched: bool = True)
 
 # ----------------------------------------------------------------------------- autograd op
 
-def _indices(mask: Tensor) -> list[int]:
-    return torch.nonzero(mask.detach().cpu()).flatten().tolist()
-
-
 class _Backward:
     """State carried from forward to backward of the folded op."""
 
@@ -349,6 +345,17 @@ class _Backward:
     def solve(self, grads: Sequence[Tensor | None]) -> list[Tensor]:
         lin = self.lin
         g = lin.spec.flatten(list(grads), lin.x_parts).detach()
+        finite = torch.isfinite(g).all(dim=1)
+        all_finite = bool(finite.all())
+        if not all_finite:
+            # NaN in, NaN out for those instances, without spending a solve on them
+            msg = (f"the incoming gradient of fold's output is NaN/Inf for instance(s) "
+                   f"{instance_list(~finite)}: it comes from upstream of fold (the loss or "
+                   "later layers); those instances get NaN gradients")
+            if self.strict:
+                raise FoldError(msg)
+            warnings.warn(msg, FoldConvergenceWarning, stacklevel=3)
+            g = torch.where(finite[:, None], g, torch.zeros_like(g))
         op = _IminusPhiT(lin)
         t0 = time.perf_counter()
         v, sinfo = self.solver(op, g, x0=None, tol=self.tol, maxiter=self.maxiter,
@@ -356,6 +363,8 @@ class _Backward:
         self.info.backward_time = time.perf_counter() - t0
         self._record(sinfo, op.count)
         self._judge(sinfo)
+        if not all_finite:
+            v = torch.where(finite[:, None], v, torch.full_like(v, float("nan")))
         return lin.spec.unflatten(v)
 
     def zero(self) -> list[Tensor]:
@@ -382,10 +391,11 @@ class _Backward:
         bad = ~s.converged
         if not bool(bad.any()):
             return
-        idx = _indices(bad)
-        worst = float(s.residual[bad].max())
-        B = self.info.batch_size
-        if s.diverged is not None and bool(s.diverged.any()):
+        if not bool(torch.isfinite(s.residual[bad]).all()):
+            remedy = ("the step's vector-Jacobian product is NaN/Inf at x_star (a point where "
+                      "the step is not differentiable, e.g. sqrt or norm at 0): make the step "
+                      "differentiable there")
+        elif s.diverged is not None and bool(s.diverged.any()):
             remedy = ("the fixed-point iteration diverged, so ρ(Φ) ≥ 1 for that step: use "
                       "solver='gmres' (or 'dense' for small states)")
         elif self.solver_name == "fixed_point":
@@ -394,15 +404,12 @@ class _Backward:
         elif self.solver_name == "dense":
             remedy = "I − Φᵀ is ill-conditioned there: check the step size and the problem"
         else:
-            remedy = (f"raise maxiter (now {self.maxiter}), use solver='dense' for small "
-                      "states, or precondition the step (e.g. a Newton or scaled step)")
-        msg = (f"folded backward ({self.solver_name}) did not converge for instance(s) "
-               f"{idx[:20]}{' …' if len(idx) > 20 else ''} of {B}: relative residual up to "
-               f"{worst:.2e} > tol {self.tol:.1e} after {int(s.iterations[bad].max())} "
-               f"iterations. Remedy: {remedy}.")
-        if self.strict:
-            raise FoldError(msg)
-        warnings.warn(msg, FoldConvergenceWarning, stacklevel=3)
+            remedy = (f"raise maxiter (now {self.maxiter}), loosen tol if the step is only "
+                      "accurate to round-off, use solver='dense' for small states, or "
+                      "precondition the step (e.g. a Newton or scaled step)")
+        what = (f"folded backward ({self.solver_name}, tol {self.tol:.1e}, "
+                f"{int(s.iterations[bad].max())} iterations; error = relative residual)")
+        report_unconverged(bad, s.residual, what, remedy, self.strict, stacklevel=5)
 
 
 class _FoldFunction(torch.autograd.Function):
@@ -453,6 +460,11 @@ def fold(step: Callable, x_star: State, *params: Any, solver: str | Callable = "
     Returns:
         A tensor (tuple) equal to ``x_star`` bit for bit; with ``return_info``, ``(x, info)``.
     """
+    if not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
+        raise FoldError(f"tol must be a finite number ≥ 0, got {tol!r}.")
+    if maxiter is not None and (not isinstance(maxiter, int) or maxiter < 1):
+        raise FoldError(f"maxiter must be a positive int or None, got {maxiter!r}.")
+    get_solver(solver)  # an unknown name fails here, not in backward
     lin = linearize(step, x_star, *params, batched=batched)
     info = info if info is not None else FoldInfo()
     info.batch_size = lin.spec.B
@@ -462,9 +474,8 @@ def fold(step: Callable, x_star: State, *params: Any, solver: str | Callable = "
         else float(fixed_point_tol)
     bad = res > fp_tol
     if bool(bad.any()):
-        idx = _indices(bad)
-        msg = (f"x_star is not a fixed point of step for instance(s) {idx[:20]}"
-               f"{' …' if len(idx) > 20 else ''}: ‖U(x*) − x*‖/(1+‖x*‖) up to "
+        msg = (f"x_star is not a fixed point of step for instance(s) {instance_list(bad)}: "
+               f"‖U(x*) − x*‖/(1+‖x*‖) up to "
                f"{float(res[bad].max()):.2e} > {fp_tol:.1e}. The folded gradient is biased; "
                "solve the forward to a tighter tolerance, or check that step matches the "
                "problem your solver solved.")

@@ -378,7 +378,7 @@ def test_one_dim_state_with_batched_default_is_rejected_with_fix():
 
 
 def test_fixed_point_divergence_warns_with_remedy_and_strict_raises():
-    step, solve, _, theta = linear_problem(rho=1.3, seed=4)
+    step, solve, truth, theta = linear_problem(rho=1.3, seed=4)
     th = theta.clone().requires_grad_(True)
     xs = solve(theta)
     x = fp.fold(step, xs, th, solver="fixed_point")
@@ -388,8 +388,35 @@ def test_fixed_point_divergence_warns_with_remedy_and_strict_raises():
     with pytest.raises(fp.FoldError, match="did not converge"):
         x.sum().backward()
     # the remedy works: GMRES gets the exact gradient although ρ(Φ) > 1
+    th.grad = None
     x = fp.fold(step, xs, th, solver="gmres", strict=True)
-    x.sum().backward()
+    gout = torch.ones_like(xs)
+    x.backward(gout)
+    assert torch.allclose(th.grad, truth(gout), rtol=1e-10, atol=1e-12)
+
+
+def test_nan_cotangent_skips_solve_for_that_instance_and_says_so():
+    step, solve, truth, theta = linear_problem()
+    th = theta.clone().requires_grad_(True)
+    x = fp.fold(step, solve(theta), th)
+    gout = torch.ones_like(x)
+    gout[1, 0] = float("nan")
+    with pytest.warns(fp.FoldConvergenceWarning, match=r"incoming gradient.*\[1\] of 3"):
+        (g,) = torch.autograd.grad(x, th, gout)
+    assert torch.isnan(g[1]).all()
+    ok = torch.ones_like(gout)
+    assert torch.allclose(g[[0, 2]], truth(ok)[[0, 2]], rtol=1e-10)
+
+
+def test_bad_tol_maxiter_solver_rejected_at_call():
+    step, solve, _, theta = linear_problem()
+    xs = solve(theta)
+    with pytest.raises(fp.FoldError, match=r"tol must be a finite number ≥ 0, got -1"):
+        fp.fold(step, xs, theta, tol=-1)
+    with pytest.raises(fp.FoldError, match="maxiter must be a positive int"):
+        fp.fold(step, xs, theta, maxiter=0)
+    with pytest.raises(fp.FoldError, match="solver must be one of"):
+        fp.fold(step, xs, theta, solver="cg")
 
 
 def test_not_a_fixed_point_warns_and_strict_raises():

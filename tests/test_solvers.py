@@ -141,3 +141,35 @@ def test_bad_solver_name_and_bad_rhs():
         get_solver("cg")
     with pytest.raises(fp.FoldError, match=r"\(B, n\)"):
         fp.solvers.gmres(lambda v: v, torch.ones(3, dtype=DT))
+
+
+def _ill_conditioned(cond, n=60, B=3):
+    g = torch.Generator().manual_seed(int(cond) % 97)
+    U, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))
+    V, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))
+    s = torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), n, dtype=DT)
+    A = ((U * s) @ V.T)[None].repeat(B, 1, 1)
+    b = torch.randn(B, n, generator=g, dtype=DT)
+    return A, b
+
+
+def test_gmres_ill_conditioned_reaches_tol_by_true_residual():
+    # the Givens estimate can claim convergence round-off has not delivered: restarts must
+    # judge by the true residual (condition number 1e6, n = 60)
+    A, b = _ill_conditioned(1e6)
+    x, info = fp.solvers.gmres(MatOp(A), b, tol=1e-10, maxiter=1000)
+    true_res = (b - torch.einsum("bij,bj->bi", A, x)).norm(dim=1) / b.norm(dim=1)
+    assert bool(info.converged.all()), info.residual
+    assert true_res.max() <= 1e-10
+    assert torch.allclose(info.residual, true_res, rtol=1e-6, atol=1e-14)
+
+
+def test_gmres_unreachable_tol_is_reported_honestly():
+    # condition 1e8: a 1e-10 residual is beyond round-off for restarted GMRES; what it
+    # reports must be the true residual and a full iteration count, never a false success
+    A, b = _ill_conditioned(1e8)
+    x, info = fp.solvers.gmres(MatOp(A), b, tol=1e-10, maxiter=240)
+    true_res = (b - torch.einsum("bij,bj->bi", A, x)).norm(dim=1) / b.norm(dim=1)
+    assert torch.allclose(info.residual, true_res, rtol=1e-6, atol=1e-14)
+    assert torch.equal(info.converged, true_res <= 1e-10)
+    assert bool((info.iterations[~info.converged] == 240).all())

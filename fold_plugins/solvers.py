@@ -169,42 +169,43 @@ def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
         iters = torch.where(done, iters, torch.full_like(iters, -1))
         if bool(done.all()):
             break
-        V = torch.zeros(m + 1, B, n, dtype=dt, device=dev)
+        V = torch.zeros(B, m + 1, n, dtype=dt, device=dev)  # Krylov basis, rows per instance
         R = torch.zeros(B, m, m, dtype=dt, device=dev)
         # Q: product of the Givens rotations so far, so each new Hessenberg column is rotated
         # with one small bmm instead of j sequential rotations
         Q = torch.eye(m + 1, dtype=dt, device=dev).repeat(B, 1, 1)
         safe_beta = torch.where(beta > tiny, beta, torch.ones_like(beta))
-        V[0] = torch.where((beta > tiny)[:, None], r / safe_beta[:, None], torch.zeros_like(r))
+        V[:, 0] = torch.where((beta > tiny)[:, None], r / safe_beta[:, None], torch.zeros_like(r))
         j_used = 0
         for j in range(m):
             if total >= maxiter:
                 break
-            w = matvec(V[j])
+            w = matvec(V[:, j])
             w0 = w.norm(dim=1)
             n_mv += 1
             total += 1
             j_used = j + 1
             # classical Gram-Schmidt, one pass (measured as accurate as two here)
-            h = torch.einsum("kbn,bn->bk", V[: j + 1], w)
-            w = w - torch.einsum("bk,kbn->bn", h, V[: j + 1])
+            Vj = V[:, : j + 1]
+            h = torch.bmm(Vj, w.unsqueeze(2)).squeeze(2)
+            w = w - torch.bmm(h.unsqueeze(1), Vj).squeeze(1)
             hn = w.norm(dim=1)
             if bool((hn < 0.7 * w0).any()):
                 # heavy cancellation: a second Gram-Schmidt pass ("twice is enough"); skipped
                 # when no instance needs it, which is the common well-conditioned case
-                h2 = torch.einsum("kbn,bn->bk", V[: j + 1], w)
-                w = w - torch.einsum("bk,kbn->bn", h2, V[: j + 1])
+                h2 = torch.bmm(Vj, w.unsqueeze(2)).squeeze(2)
+                w = w - torch.bmm(h2.unsqueeze(1), Vj).squeeze(1)
                 h = h + h2
                 hn = w.norm(dim=1)
             # happy breakdown (an invariant subspace): do not normalise round-off into a
             # non-orthogonal basis vector; the instance's residual estimate is then exact
             safe = (hn > tiny * 1e3) & (hn > 100 * torch.finfo(dt).eps * w0)
             hn = torch.where(safe, hn, torch.zeros_like(hn))
-            V[j + 1] = torch.where(safe[:, None],
+            V[:, j + 1] = torch.where(safe[:, None],
                                    w / torch.where(safe, hn, torch.ones_like(hn))[:, None],
                                    torch.zeros_like(w))
             col = torch.cat([h, hn[:, None]], dim=1)  # Hessenberg column j, length j+2
-            col = torch.einsum("bik,bk->bi", Q[:, : j + 2, : j + 2], col)
+            col = torch.bmm(Q[:, : j + 2, : j + 2], col.unsqueeze(2)).squeeze(2)
             a, c = col[:, j], col[:, j + 1]
             rr = torch.sqrt(a * a + c * c)
             ok = rr > tiny
@@ -229,7 +230,7 @@ def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
         Rk = Rk + torch.diag_embed(torch.where(bad, torch.ones_like(diag), torch.zeros_like(diag)))
         gk = beta[:, None] * Q[:, :k, 0]
         y = torch.linalg.solve_triangular(Rk, gk[:, :, None], upper=True)[..., 0]
-        x = x + torch.einsum("bk,kbn->bn", y, V[:k])
+        x = x + torch.bmm(y.unsqueeze(1), V[:, :k]).squeeze(1)
         fresh = False  # x changed: the next pass (or the end) recomputes the true residual
     if fresh:
         res = rel

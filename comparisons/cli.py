@@ -1,0 +1,129 @@
+"""``python -m comparisons``: run the suites, write ``<out>/report.md`` (+ PNGs, results.json).
+
+    python -m comparisons                 # --quick (default): < 10 min on 2 cores
+    python -m comparisons --full          # the sizes of the issue (quiet machine)
+    python -m comparisons --suite scaling --suite theseus --out /tmp/rep
+
+A suite that fails (missing dependency, exception) records its error in its section; the
+others still run, the report is written, and the exit status is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .measure import environment
+from .report import SuiteResult, write_report
+from .suites import SUITES
+
+__all__ = ["main", "run_suite", "parse_args"]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m comparisons",
+                                description="Folded backward passes side by side with "
+                                "unrolling, Theseus, cvxpylayers and diffcp.")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", dest="mode", action="store_const", const="quick",
+                      help="small sizes, < 10 minutes on 2 cores (default)")
+    size.add_argument("--full", dest="mode", action="store_const", const="full",
+                      help="the full sizes (n up to 1000, batch up to 128); run on a quiet "
+                           "machine")
+    size.add_argument("--tiny", dest="mode", action="store_const", const="tiny",
+                      help="smallest sizes (seconds): for tests and development only")
+    p.set_defaults(mode="quick")
+    p.add_argument("--suite", action="append", choices=SUITES, metavar="NAME",
+                   help=f"run only this suite (repeatable); one of {', '.join(SUITES)}")
+    p.add_argument("--out", type=Path, default=Path("comparisons") / "out",
+                   help="output folder (default comparisons/out)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: cuda when available, else cpu")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed repeats per measurement (default: 5 quick, 9 full)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars")
+    return p.parse_args(argv)
+
+
+def run_suite(name: str, cfg: Config) -> SuiteResult:
+    """Import and run one suite; any exception becomes the result's error (never raised)."""
+    t0 = time.perf_counter()
+    title = name
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # numpy-2 notice from cvxpylayers' diffcp glue; says nothing about the measurements
+        warnings.filterwarnings("ignore", message=r"__array__ implementation",
+                                category=DeprecationWarning)
+        try:
+            mod = importlib.import_module(f"comparisons.suites.{name}")
+            title = getattr(mod, "TITLE", name)
+            result = mod.run(cfg)
+        except Exception:  # noqa: BLE001 - a failing suite must not stop the report
+            result = SuiteResult(name, title, errors=[traceback.format_exc()])
+    seen: dict[str, None] = {}
+    for w in caught:
+        msg = f"{w.category.__name__}: {w.message}"
+        if "skparse.cholmod" in msg:  # theseus import notice, unrelated to any measurement
+            continue
+        seen.setdefault(msg, None)
+    result.warnings = list(seen) + [w for w in result.warnings if w not in seen]
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            print("--device cuda: no CUDA device is available to torch", file=sys.stderr)
+            return 2
+        device = torch.device(args.device)
+    torch.set_num_threads(1)
+    cfg = Config(mode=args.mode, out=args.out, device=device, repeats=args.repeats,
+                 seed=args.seed, progress=args.progress, threads=torch.get_num_threads())
+    names = list(dict.fromkeys(args.suite)) if args.suite else list(SUITES)
+    cfg.extra["suites"] = ", ".join(names)
+    started = dt.datetime.now().astimezone()
+    env = environment(device)
+    t0 = time.perf_counter()
+    results = []
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(names, desc="suites", dynamic_ncols=True)
+    else:
+        it = names
+    for name in it:
+        if cfg.progress:
+            it.set_postfix_str(name)
+        r = run_suite(name, cfg)
+        status = "ok" if r.ok else "FAILED"
+        msg = f"[comparisons] {name}: {status} in {r.seconds:.0f} s"
+        if cfg.progress:
+            it.write(msg)
+        else:
+            print(msg, file=sys.stderr)
+        results.append(r)
+    path = write_report(cfg, env, results, started, time.perf_counter() - t0, argv)
+    print(path.resolve())
+    failed = [r.name for r in results if not r.ok]
+    if failed:
+        print(f"[comparisons] suite(s) failed: {', '.join(failed)} (see the report)",
+              file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,153 @@
+"""Suite 1 — gradient agreement on the convex cross-check cases (and the nonconvex DC3 case).
+
+For every case of ``comparisons.cases`` (one row each), the folded gradient — a blackbox
+forward (cvxpy/Clarabel, OSQP or the library's own driver) followed by ``fp.fold`` of a library
+step — is compared with ``fold_plugins.verify.compare_gradients`` against:
+
+* **cvxpylayers (SCS)** and **cvxpylayers (Clarabel)** — ``adapters.cvxpylayers`` (diffcp
+  backend, tight tolerances, dense derivative);
+* **diffcp** — ``adapters.diffcp``: cvxpy's cone-program data and diffcp's adjoint derivative
+  directly, not through cvxpylayers;
+* **finite differences** — central differences (float64) of the folded function itself, i.e.
+  of the blackbox forward solve.
+
+Each entry is the worst relative VJP error ``‖a − b‖/‖b‖`` over every parameter and several
+random cotangents (``a`` folded, ``b`` the reference).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from ..config import Config
+from ..progress import bar
+from ..report import SuiteResult, fmt_err, table
+
+TITLE = "1. Gradient agreement: folded vs cvxpylayers vs diffcp vs finite differences"
+REFERENCES = ("cvxpylayers (SCS)", "cvxpylayers (Clarabel)", "diffcp", "finite differences")
+
+
+def _reference(name: str, case):
+    from adapters.cvxpylayers import cvxpylayers_reference
+    from adapters.diffcp import diffcp_reference
+
+    problem, parameters, variables = case.build_cvxpy()
+    if name == "cvxpylayers (SCS)":
+        ref = cvxpylayers_reference(problem, parameters, variables, solver="SCS")
+    elif name == "cvxpylayers (Clarabel)":
+        ref = cvxpylayers_reference(problem, parameters, variables, solver="CLARABEL")
+    elif name == "diffcp":
+        ref = diffcp_reference(problem, parameters, variables)
+    else:
+        raise ValueError(name)
+    return case.wrap_reference(ref)
+
+
+def _backward_summary(case) -> str:
+    """One folded forward + backward of the case: which backward solver, how many iterations."""
+    import torch
+
+    params = [p.detach().clone().requires_grad_(p.is_floating_point()) for p in case.params]
+    out = case.folded(*params)
+    gen = torch.Generator().manual_seed(0)
+    cot = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
+    (out * cot).sum().backward()
+    info = case.last_info
+    if info is None or info.backward_iterations is None:
+        return "?"
+    return f"{info.backward_solver} ({int(info.backward_iterations.max())} it)"
+
+
+def run(cfg: Config) -> SuiteResult:
+    """One row per case: worst relative VJP error of folded against each reference."""
+    from fold_plugins.verify import compare_gradients
+
+    from ..cases import CASES
+
+    n_dir = cfg.pick(tiny=1, quick=2, full=4)
+    n_dir_fd = cfg.pick(tiny=1, quick=1, full=2)
+    names = list(CASES) if cfg.mode != "tiny" else ["box_qp", "sparsemax", "entropy_lp"]
+    res = SuiteResult("gradient_agreement", TITLE)
+    rows, data = [], {}
+    work = [(c, r) for c in names for r in REFERENCES]
+    cases: dict = {}
+    for cname, ref_name in bar(work, cfg, "gradient agreement"):
+        if cname not in cases:
+            try:
+                cases[cname] = CASES[cname]()
+                data.setdefault(cname, {})["backward"] = _backward_summary(cases[cname])
+            except Exception as e:  # noqa: BLE001
+                cases[cname] = None
+                res.errors.append(f"case {cname} could not be built or run: "
+                                  f"{type(e).__name__}: {e}")
+        case = cases[cname]
+        entry = data.setdefault(cname, {})
+        if case is None:
+            continue
+        if ref_name != "finite differences" and (case.reference != "cvx"
+                                                 or case.build_cvxpy is None):
+            entry[ref_name] = {"skipped": "no cvxpy form (nonconvex)"}
+            continue
+        t0 = time.perf_counter()
+        try:
+            if ref_name == "finite differences":
+                rep = compare_gradients(case.folded, "finite_differences", case.params,
+                                        n_directions=n_dir_fd, eps=case.fd_eps,
+                                        names=case.param_names, seed=cfg.seed)
+            else:
+                rep = compare_gradients(case.folded, _reference(ref_name, case), case.params,
+                                        n_directions=n_dir, names=case.param_names,
+                                        seed=cfg.seed)
+            wi = rep.worst_input
+            entry[ref_name] = {"worst": rep.worst, "worst_input": wi.name if wi else None,
+                               "min_cosine": rep.min_cosine, "value_error": rep.value_error,
+                               "seconds": time.perf_counter() - t0}
+        except Exception as e:  # noqa: BLE001 - a reference failing must not stop the suite
+            entry[ref_name] = {"failed": f"{type(e).__name__}: {e}"}
+            res.errors.append(f"{cname} vs {ref_name}: {type(e).__name__}: {e}")
+    for cname in names:
+        case = cases.get(cname)
+        entry = data.get(cname, {})
+        if case is None:
+            rows.append((cname, "could not be built", "", "", "") + ("",) * len(REFERENCES))
+            continue
+        cells = []
+        for r in REFERENCES:
+            e = entry.get(r, {})
+            if "worst" in e:
+                ok = "" if e["worst"] <= case.rtol else " ✗"
+                cells.append(f"{fmt_err(e['worst'])}{ok}")
+            elif "skipped" in e:
+                cells.append("n/a")
+            elif "failed" in e:
+                cells.append("failed")
+            else:
+                cells.append("—")
+        shapes = ", ".join(f"{n} {tuple(p.shape)}" for n, p in zip(case.param_names,
+                                                                     case.params))
+        rows.append((case.title, case.forward, f"{case.step} → {entry.get('backward', '?')}",
+                     shapes, f"{case.rtol:.0e}", *cells))
+    res.data = {"cases": data, "n_directions": n_dir, "n_directions_fd": n_dir_fd}
+    md = [__doc__.split("\n\n", 1)[1].strip(), "",
+          f"{n_dir} random cotangent(s) per cvx reference, {n_dir_fd} for finite differences; "
+          "✗ marks an error above the case's cross-check tolerance (compare the columns to "
+          "see which side is off: the references differ in forward accuracy).", "",
+          table(["case", "forward", "folded step → backward", "parameters (shape)", "tol",
+                 *REFERENCES], rows)]
+    vals = [(e.get("value_error"), c, r) for c, d in data.items() for r, e in d.items()
+            if isinstance(e, dict) and e.get("value_error") is not None]
+    if vals:
+        worst = max(vals, key=lambda v: v[0])
+        md.append(f"The solutions themselves agree with every cvx reference to within "
+                  f"{worst[0]:.1e} (relative; worst: {worst[1]} vs {worst[2]}).")
+    res.markdown = "\n".join(md)
+    for r in ("cvxpylayers (SCS)", "diffcp", "finite differences"):
+        errs = [d[r]["worst"] for d in data.values() if "worst" in d.get(r, {})]
+        if errs:
+            res.headline.append(f"folded vs {r}: worst relative VJP error "
+                                f"{max(errs):.1e} over {len(errs)} case(s)")
+    res.data["summary"] = {r: max((d[r]["worst"] for d in data.values()
+                                   if "worst" in d.get(r, {})), default=math.nan)
+                           for r in REFERENCES}
+    return res

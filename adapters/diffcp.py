@@ -45,7 +45,8 @@ class DiffcpReference:
     """``ref(*param_tensors) -> tuple of variable tensors`` with diffcp's derivative.
 
     Attributes:
-        solve_method: diffcp's forward solver (``"SCS"`` or ``"Clarabel"``).
+        solve_method: diffcp's forward solver (``"SCS"`` or ``"Clarabel"``); ``solver`` holds
+            the same choice upper-cased, as in :class:`adapters.cvxpylayers.CvxpyLayersReference`.
         mode: diffcp's derivative mode (``"dense"``: dense factorisation of the derivative
             system; ``"lsqr"``: iterative).
         solver_args: keywords for the solver.
@@ -58,13 +59,14 @@ class DiffcpReference:
     __name__ = "diffcp"
 
     def __init__(self, problem: Any, parameters: Sequence[Any], variables: Sequence[Any],
-                 solve_method: str = "SCS", solver_args: dict[str, Any] | None = None,
-                 mode: str = "dense"):
+                 solve_method: str | None = None, solver_args: dict[str, Any] | None = None,
+                 mode: str = "dense", *, solver: str | None = None):
         cp, diffcp = import_cvx()
         _check_problem(cp, problem, parameters, variables)
+        solve_method = _resolve_solver(solver, solve_method)
         key = str(solve_method).upper()
         if key not in _METHODS:
-            raise ValueError(f"solve_method must be one of {sorted(_METHODS)} (diffcp's conic "
+            raise ValueError(f"solver must be one of {sorted(_METHODS)} (diffcp's conic "
                              f"solvers installed with the cvx extra), got {solve_method!r}.")
         if mode not in ("dense", "lsqr", "lsmr"):
             raise ValueError(f"mode must be 'dense', 'lsqr' or 'lsmr', got {mode!r} (the lpgd "
@@ -73,6 +75,7 @@ class DiffcpReference:
         self.parameters = list(parameters)
         self.variables = list(variables)
         self.solve_method = _METHODS[key]
+        self.solver = key
         self.mode = mode
         args = {k: v for k, v in TIGHT_SOLVER_ARGS[key].items() if k != "mode"}
         args.update(solver_args or {})
@@ -175,6 +178,17 @@ class DiffcpReference:
                 f"variables={[v.name() for v in self.variables]})")
 
 
+def _resolve_solver(solver: str | None, solve_method: str | None) -> str:
+    """``solver`` (the name :func:`adapters.cvxpylayers.cvxpylayers_reference` uses) or its
+    alias ``solve_method`` (diffcp's own name); default ``"SCS"``."""
+    if solver is not None and solve_method is not None and \
+            str(solver).upper() != str(solve_method).upper():
+        raise ValueError(f"solver={solver!r} and solve_method={solve_method!r} disagree; they "
+                         "are the same setting (solve_method is an alias): give one.")
+    chosen = solver if solver is not None else solve_method
+    return "SCS" if chosen is None else chosen
+
+
 def _instance_values(params: Sequence[Tensor], parameters: Sequence[Any], B: int | None,
                      i: int) -> list[np.ndarray]:
     out = []
@@ -254,19 +268,24 @@ class _DiffcpFunction(torch.autograd.Function):
 
 
 def diffcp_reference(problem: Any, parameters: Sequence[Any], variables: Sequence[Any],
-                     solve_method: str = "SCS", solver_args: dict[str, Any] | None = None,
-                     mode: str = "dense") -> DiffcpReference:
+                     solve_method: str | None = None, solver_args: dict[str, Any] | None = None,
+                     mode: str = "dense", *, solver: str | None = None) -> DiffcpReference:
     """A torch function mapping parameter tensors to optimal variables, differentiated by diffcp.
 
     Args:
         problem: a DPP ``cvxpy.Problem`` (compiled once for cvxpy's ``DIFFCP`` target).
         parameters: its ``cvxpy.Parameter``s, in the order the tensors will be passed.
         variables: the primal ``cvxpy.Variable``s to return, in order.
-        solve_method: diffcp's forward solver, ``"SCS"`` (default) or ``"CLARABEL"``.
+        solve_method: diffcp's forward solver, ``"SCS"`` (default) or ``"CLARABEL"``
+            (case-insensitive); an alias of ``solver``.
         solver_args: overrides of the tight defaults in
             :data:`adapters.cvxpylayers.TIGHT_SOLVER_ARGS` (e.g. ``eps_abs``, ``max_iters``).
         mode: diffcp's derivative mode, ``"dense"`` (default, exact for small problems),
             ``"lsqr"`` or ``"lsmr"``.
+
+        solver: the same setting under the name
+            :func:`adapters.cvxpylayers.cvxpylayers_reference` uses (``solver="CLARABEL"``);
+            giving both with different values raises ``ValueError``.
 
     Returns:
         ``ref(*params) -> tuple[Tensor, ...]``; shapes as for
@@ -274,4 +293,4 @@ def diffcp_reference(problem: Any, parameters: Sequence[Any], variables: Sequenc
         parameter batches the call; instances are solved one after another).
     """
     return DiffcpReference(problem, parameters, variables, solve_method=solve_method,
-                           solver_args=solver_args, mode=mode)
+                           solver_args=solver_args, mode=mode, solver=solver)

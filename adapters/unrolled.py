@@ -27,6 +27,15 @@ from torch import Tensor
 
 import fold_plugins as fp
 from fold_plugins import diagnostics as fpd
+from fold_plugins._errors import instance_list
+from fold_plugins._state import (
+    State,
+    as_parts,
+    check_step_output,
+    fixed_point_iteration,
+    pack,
+    validate_state,
+)
 from fold_plugins.fold import default_fixed_point_tol, linearize
 from fold_plugins.solvers import get_solver
 
@@ -34,86 +43,9 @@ from .base import FoldedModule
 
 __all__ = ["FoldedLoop", "UnrollingDiagnosis", "folded", "truncated", "unroll"]
 
-State = Tensor | tuple[Tensor, ...]
 
-
-# ----------------------------------------------------------------------------- state helpers
-
-def _as_parts(x: Any, name: str) -> tuple[tuple[Tensor, ...], bool]:
-    """``(parts, is_tuple)`` of a Tensor or a non-empty tuple/list of Tensors."""
-    if isinstance(x, Tensor):
-        return (x,), False
-    if isinstance(x, (tuple, list)) and len(x) > 0 and all(isinstance(t, Tensor) for t in x):
-        return tuple(x), True
-    seen = type(x).__name__
-    if isinstance(x, (tuple, list)):
-        seen += f" of {[type(t).__name__ for t in x]}"
-    raise fp.FoldError(f"{name} must be a Tensor or a non-empty tuple of Tensors, got {seen}.")
-
-
-def _pack(parts: tuple[Tensor, ...], is_tuple: bool) -> State:
-    return tuple(parts) if is_tuple else parts[0]
-
-
-def _check_step_output(out: Any, like: tuple[Tensor, ...], is_tuple: bool,
-                       where: str) -> tuple[Tensor, ...]:
-    """Parts of ``step``'s output; raises :class:`fp.FoldError` unless it matches the state."""
-    if is_tuple:
-        if not isinstance(out, (tuple, list)) or len(out) != len(like):
-            got = (f"a {type(out).__name__} of length {len(out)}"
-                   if isinstance(out, (tuple, list)) else f"a {type(out).__name__}")
-            raise fp.FoldError(f"{where}: step must return a tuple of {len(like)} tensors like the "
-                               f"state, got {got}.")
-        parts = tuple(out)
-    else:
-        if not isinstance(out, Tensor):
-            raise fp.FoldError(f"{where}: step must return a Tensor like the state, got "
-                               f"{type(out).__name__}; for a tuple state pass x0 as a tuple.")
-        parts = (out,)
-    for i, (o, x) in enumerate(zip(parts, like)):
-        name = f"step output[{i}]" if is_tuple else "step output"
-        if not isinstance(o, Tensor):
-            raise fp.FoldError(f"{where}: {name} is a {type(o).__name__}, expected a Tensor.")
-        if o.shape != x.shape:
-            raise fp.FoldError(f"{where}: {name} has shape {tuple(o.shape)} but the state has "
-                               f"shape {tuple(x.shape)}; step(x, *params) must return a state of "
-                               "the same shape as x.")
-        if o.dtype != x.dtype:
-            raise fp.FoldError(f"{where}: {name} has dtype {o.dtype} but the state is {x.dtype}; "
-                               "the step must keep the dtype.")
-    return parts
-
-
-def _validate_state(parts: tuple[Tensor, ...], is_tuple: bool, batched: bool, name: str) -> None:
-    for i, t in enumerate(parts):
-        nm = f"{name}[{i}]" if is_tuple else name
-        if not t.is_floating_point():
-            raise fp.FoldError(f"{nm} must be floating point, got {t.dtype}; give the initial "
-                               "state the dtype of your parameters.")
-        if batched:
-            if t.dim() < 2:
-                raise fp.FoldError(
-                    f"{nm} has shape {tuple(t.shape)}; with batched=True (the default) dim 0 is "
-                    "the batch and each instance needs at least one more dim. Pass "
-                    "batched=False for one unbatched problem, or shape (B, 1).")
-            if t.shape[0] != parts[0].shape[0]:
-                raise fp.FoldError(f"batch sizes differ across the state: {name}[0] has "
-                                   f"{parts[0].shape[0]}, {nm} has {t.shape[0]}.")
-
-
-def _instance_norm(parts: tuple[Tensor, ...], batched: bool) -> Tensor:
-    """``(B,)`` Euclidean norm of each instance over all parts (``(1,)`` unbatched)."""
-    if batched:
-        B = parts[0].shape[0]
-        sq = sum((p.reshape(B, -1) ** 2).sum(dim=1) for p in parts)
-    else:
-        sq = sum((p ** 2).sum() for p in parts).reshape(1)
-    return torch.sqrt(sq)
-
-
-def _bcast(mask: Tensor, t: Tensor, batched: bool) -> Tensor:
-    return mask.view(-1, *([1] * (t.dim() - 1))) if batched else mask.reshape(())
-
+# ----------------------------------------------------------------------------- helpers
+# (state parts, output checks, residual and the forward iteration: fold_plugins._state)
 
 def _check_n_iter(n_iter: Any, name: str = "n_iter") -> int:
     if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
@@ -135,11 +67,11 @@ def unroll(step: Callable, x0: State, *params: Any, n_iter: int) -> State:
         raise fp.FoldError(f"step must be callable step(x, *params) -> x, got "
                            f"{type(step).__name__}.")
     n_iter = _check_n_iter(n_iter)
-    parts, is_tuple = _as_parts(x0, "x0")
-    x = _pack(parts, is_tuple)
+    parts, is_tuple = as_parts(x0, "x0")
+    x = pack(parts, is_tuple)
     for k in range(n_iter):
-        x = _pack(_check_step_output(step(x, *params), parts, is_tuple, f"unroll, step {k}"),
-                  is_tuple)
+        out = check_step_output(step(x, *params), parts, is_tuple, f"unroll, step {k}")
+        x = pack(out, is_tuple)
     return x
 
 
@@ -157,11 +89,11 @@ def truncated(step: Callable, x0: State, *params: Any, n_iter: int, k: int) -> S
                            f"n_iter={n_iter}.")
     if k == n_iter:
         return unroll(step, x0, *params, n_iter=n_iter)
-    _, is_tuple = _as_parts(x0, "x0")
+    _, is_tuple = as_parts(x0, "x0")
     with torch.no_grad():
         x = unroll(step, x0, *params, n_iter=n_iter - k)
-    x_parts, _ = _as_parts(x, "x")
-    x = _pack(tuple(t.detach() for t in x_parts), is_tuple)
+    x_parts, _ = as_parts(x, "x")
+    x = pack(tuple(t.detach() for t in x_parts), is_tuple)
     return unroll(step, x, *params, n_iter=k)
 
 
@@ -286,7 +218,7 @@ class FoldedLoop(FoldedModule):
             raise fp.FoldError("maxiter=None leaves the forward loop without a cap: give "
                                "forward_maxiter (or an int maxiter).")
         if x0 is not None and not callable(x0):
-            _as_parts(x0, "x0")
+            as_parts(x0, "x0")
         self.step = step
         self.solver = solver
         self.forward_tol = float(tol if forward_tol is None else forward_tol)
@@ -317,47 +249,24 @@ class FoldedLoop(FoldedModule):
             src, name = self.x0, "x0"
         parts = None
         if src is not None:
-            parts, is_tuple = _as_parts(src, name)
+            parts, is_tuple = as_parts(src, name)
         if self.warm_start and self._warm is not None and (
                 parts is None or (is_tuple == self._warm_tuple
                                   and _same_layout(self._warm, parts))):
             return self._warm, self._warm_tuple, True
         if parts is None:
             return None
-        _validate_state(parts, is_tuple, self.batched, name)
+        validate_state(parts, is_tuple, self.batched, name)
         return tuple(t.detach() for t in parts), is_tuple, False
 
     def _iterate(self, parts: tuple[Tensor, ...], is_tuple: bool, params: tuple[Any, ...]
                  ) -> tuple[tuple[Tensor, ...], Tensor, Tensor, Tensor, Tensor]:
         """Iterate ``step`` per instance: ``(x, iterations, residual, converged, diverged)``."""
-        ref = parts[0]
-        B = ref.shape[0] if self.batched else 1
-        dev = ref.device
-        tol = max(self.forward_tol, 50.0 * torch.finfo(ref.dtype).eps)
-        iters = torch.zeros(B, dtype=torch.int64, device=dev)
-        res = torch.full((B,), math.inf, dtype=ref.dtype, device=dev)
-        conv = torch.zeros(B, dtype=torch.bool, device=dev)
-        diverged = torch.zeros(B, dtype=torch.bool, device=dev)
-        active = torch.ones(B, dtype=torch.bool, device=dev)
-        x = parts
-        with torch.no_grad():
-            for k in range(self.forward_maxiter):
-                out = _check_step_output(self.step(_pack(x, is_tuple), *params), x, is_tuple,
-                                         f"FoldedLoop forward, step {k}")
-                d = _instance_norm(tuple(o - xi for o, xi in zip(out, x)), self.batched)
-                r = d / (1 + _instance_norm(x, self.batched))
-                finite = torch.isfinite(r)
-                take = active & finite
-                x = tuple(torch.where(_bcast(take, xi, self.batched), o, xi)
-                          for o, xi in zip(out, x))
-                res = torch.where(active, r, res)
-                iters = torch.where(active, torch.full_like(iters, k + 1), iters)
-                diverged = diverged | (active & ~finite)
-                conv = conv | (take & (r <= tol))
-                active = take & (r > tol)
-                if not bool(active.any()):
-                    break
-        return x, iters, res, conv, diverged
+        tol = max(self.forward_tol, 50.0 * torch.finfo(parts[0].dtype).eps)
+        r = fixed_point_iteration(self.step, parts, is_tuple, params, tol=tol,
+                                  maxiter=self.forward_maxiter, batched=self.batched,
+                                  where="FoldedLoop forward")
+        return r.parts, r.iterations, r.residual, r.converged, r.diverged
 
     def _forward_solve(self, params: tuple[Any, ...], x0: Any
                        ) -> tuple[State, fp.FoldInfo, bool]:
@@ -365,14 +274,14 @@ class FoldedLoop(FoldedModule):
         init = self._initial(params, x0)
         info = fp.FoldInfo()
         if self.solver is not None:
-            kw = {"x0": _pack(init[0], init[1])} if (init is not None
-                                                     and self._solver_takes_x0) else {}
+            give_x0 = init is not None and self._solver_takes_x0
+            kw = {"x0": pack(init[0], init[1])} if give_x0 else {}
             with torch.no_grad():
                 x_star = self.solver(*params, **kw)
-            parts, is_tuple = _as_parts(x_star, "solver(*params) output")
-            _validate_state(parts, is_tuple, self.batched, "solver(*params) output")
+            parts, is_tuple = as_parts(x_star, "solver(*params) output")
+            validate_state(parts, is_tuple, self.batched, "solver(*params) output")
             info.extra["warm_started"] = bool(init is not None and init[2] and kw)
-            return _pack(tuple(t.detach() for t in parts), is_tuple), info, False
+            return pack(tuple(t.detach() for t in parts), is_tuple), info, False
         if init is None:
             raise fp.FoldError("FoldedLoop needs an initial state for its forward loop: pass "
                                "loop(*params, x0=...), FoldedLoop(step, x0=state or "
@@ -390,16 +299,15 @@ class FoldedLoop(FoldedModule):
                       f"{self.forward_tol:.0e}), or check that step contracts (loop.diagnose "
                       "reports ρ(Φ))")
             if bool(diverged.any()):
-                bad = torch.nonzero(diverged.cpu()).flatten().tolist()
-                remedy = (f"step produced NaN/Inf for instance(s) {bad[:20]} (kept at the last "
-                          "finite iterate): lower its step size; " + remedy)
+                remedy = (f"step produced NaN/Inf for instance(s) {instance_list(diverged)} "
+                          "(kept at the last finite iterate): lower its step size; " + remedy)
             self._report_forward(conv, res, "FoldedLoop", remedy)
-        return _pack(x, is_tuple), info, True
+        return pack(x, is_tuple), info, True
 
     def forward(self, *params: Any, x0: State | None = None) -> State:
         """Solve (no graph), then attach the folded backward at the solution."""
         x_star, info, judged = self._forward_solve(params, x0)
-        parts, is_tuple = _as_parts(x_star, "x_star")
+        parts, is_tuple = as_parts(x_star, "x_star")
         if self.warm_start:
             self._warm = tuple(t.detach() for t in parts)
             self._warm_tuple = is_tuple

@@ -24,11 +24,17 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._errors import FoldConvergenceWarning, FoldError, instance_list, report_unconverged
+from ._state import (
+    State,
+    as_parts,
+    check_finite,
+    check_step_output,
+    relative_residual,
+    validate_state,
+)
 from .solvers import SolveInfo, get_solver
 
 __all__ = ["FoldInfo", "Linearization", "default_fixed_point_tol", "fold", "linearize"]
-
-State = Tensor | tuple[Tensor, ...]
 
 
 @dataclass
@@ -102,16 +108,7 @@ def default_fixed_point_tol(dtype: torch.dtype) -> float:
 
 
 # ----------------------------------------------------------------------------- state handling
-
-def _as_parts(x: State, name: str) -> tuple[tuple[Tensor, ...], bool]:
-    if isinstance(x, Tensor):
-        return (x,), False
-    if isinstance(x, (tuple, list)) and len(x) > 0 and all(isinstance(t, Tensor) for t in x):
-        return tuple(x), True
-    raise FoldError(f"{name} must be a Tensor or a non-empty tuple of Tensors, got "
-                    f"{type(x).__name__}" + (f" of {[type(t).__name__ for t in x]}"
-                                             if isinstance(x, (tuple, list)) else ""))
-
+# (Tensor-or-tuple parts, output checks, residual: fold_plugins._state)
 
 class _Spec:
     """Flattens a tuple state into per-instance rows ``(B, n)`` and back."""
@@ -145,45 +142,13 @@ class _Spec:
 
 # ----------------------------------------------------------------------------- validation
 
-def _check_finite(t: Tensor, name: str) -> None:
-    if t.is_floating_point() or t.is_complex():
-        finite = torch.isfinite(t)
-        if not bool(finite.all()):
-            n_bad = int((~finite).sum())
-            raise FoldError(f"{name} contains {n_bad} NaN/Inf value(s) (shape {tuple(t.shape)}); "
-                            "the forward solve likely failed — check it before folding.")
-
-
 def _validate(x_parts: tuple[Tensor, ...], params: tuple[Any, ...], batched: bool,
               tuple_state: bool) -> torch.dtype:
+    validate_state(x_parts, tuple_state, batched, "x_star", same_layout=True, finite=True)
     dtype = x_parts[0].dtype
-    device = x_parts[0].device
-    for i, t in enumerate(x_parts):
-        name = f"x_star[{i}]" if tuple_state else "x_star"
-        if not t.is_floating_point():
-            raise FoldError(f"{name} must be floating point, got {t.dtype}; cast the solution "
-                            "to the dtype of your parameters.")
-        if t.dtype != dtype:
-            raise FoldError(f"mixed dtypes in the state: x_star[0] is {dtype}, {name} is "
-                            f"{t.dtype}; give every state tensor the same dtype.")
-        if t.device != device:
-            raise FoldError(f"mixed devices in the state: x_star[0] on {device}, {name} on "
-                            f"{t.device}; move them to one device.")
-        _check_finite(t, name)
-        if batched:
-            if t.dim() < 2:
-                raise FoldError(
-                    f"{name} has shape {tuple(t.shape)}; with batched=True (the default) dim 0 "
-                    "is the batch and each instance needs at least one more dim. Pass "
-                    "batched=False for one unbatched problem, or shape (B, 1) for a batch of "
-                    "scalar problems.")
-            if t.shape[0] != x_parts[0].shape[0]:
-                raise FoldError(f"batch sizes differ across the state: x_star[0] has "
-                                f"{x_parts[0].shape[0]}, {name} has {t.shape[0]} (shape "
-                                f"{tuple(t.shape)}); with batched=True dim 0 is the batch.")
     for i, p in enumerate(params):
         if isinstance(p, Tensor):
-            _check_finite(p, f"params[{i}]")
+            check_finite(p, f"params[{i}]")
             if p.is_floating_point() and p.dtype != dtype:
                 raise FoldError(f"mixed dtypes: x_star is {dtype} but params[{i}] is {p.dtype}; "
                                 f"cast params[{i}] (or x_star) so they match.")
@@ -213,30 +178,7 @@ class Linearization:
         self._diff = [i for i, o in enumerate(out_parts) if o.requires_grad]
 
     def _check_output(self, out: Any) -> tuple[Tensor, ...]:
-        if self.tuple_state:
-            if not isinstance(out, (tuple, list)) or len(out) != len(self.x_parts):
-                got = (f"a {type(out).__name__} of length {len(out)}"
-                       if isinstance(out, (tuple, list)) else type(out).__name__)
-                raise FoldError(f"step must return a tuple of {len(self.x_parts)} tensors like "
-                                f"the state, got {got}.")
-            parts = tuple(out)
-        else:
-            if not isinstance(out, Tensor):
-                raise FoldError(f"step must return a Tensor like x_star, got "
-                                f"{type(out).__name__}.")
-            parts = (out,)
-        for i, (o, x) in enumerate(zip(parts, self.x_parts)):
-            name = f"step output[{i}]" if self.tuple_state else "step output"
-            if not isinstance(o, Tensor):
-                raise FoldError(f"{name} is a {type(o).__name__}, expected a Tensor.")
-            if o.shape != x.shape:
-                raise FoldError(f"{name} has shape {tuple(o.shape)} but the state has shape "
-                                f"{tuple(x.shape)}; the step must map the state to a state of "
-                                "the same shape.")
-            if o.dtype != x.dtype:
-                raise FoldError(f"{name} has dtype {o.dtype} but the state is {x.dtype}; the step "
-                                "must keep the dtype (mixed dtypes).")
-        return parts
+        return check_step_output(out, self.x_parts, self.tuple_state)
 
     @property
     def requires_grad(self) -> bool:
@@ -267,10 +209,7 @@ class Linearization:
     def residual(self) -> Tensor:
         """``(B,)`` relative fixed-point residual ``‖U(x*) − x*‖ / (1 + ‖x*‖)``."""
         with torch.no_grad():
-            d = self.spec.flatten([o - x for o, x in zip(self.out_parts, self.x_parts)],
-                                  self.x_parts)
-            xs = self.spec.flatten(list(self.x_parts), self.x_parts)
-            return d.norm(dim=1) / (1 + xs.norm(dim=1))
+            return relative_residual(self.out_parts, self.x_parts, self.spec.batched)
 
     def vjp(self, v: Tensor) -> Tensor:
         """``Φᵀ v`` for ``v`` of shape ``(B, n)``."""
@@ -322,7 +261,7 @@ def linearize(step: Callable, x_star: State, *params: Any, batched: bool = True)
     """Validate inputs and take one differentiable step at ``x_star`` (a :class:`Linearization`)."""
     if not callable(step):
         raise FoldError(f"step must be callable step(x, *params) -> x, got {type(step).__name__}.")
-    x_parts, tuple_state = _as_parts(x_star, "x_star")
+    x_parts, tuple_state = as_parts(x_star, "x_star")
     _validate(x_parts, params, batched, tuple_state)
     return Linearization(step, x_parts, params, batched, tuple_state)
 

@@ -16,13 +16,15 @@ active set) computed without grad, so autograd (including double backward and
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._errors import FoldError
-from .steps._common import ShapeError, as_tensor_like, bmtv, bmv
+from .steps._common import ShapeError, as_tensor_like, bmtv, bmv, clip_free
 
 __all__ = ["nonnegative", "box", "simplex", "k_subset", "l2_ball", "l1_ball", "affine",
            "halfspace", "polytope"]
@@ -54,7 +56,7 @@ def _row_param(value: Any, x: Tensor, name: str, where: str) -> Tensor:
 def nonnegative(x: Tensor) -> Tensor:
     """``max(x, 0)``; derivative 1 at ``x = 0`` (free convention)."""
     _check_x(x, "nonnegative", 0)
-    return torch.where(x < 0, torch.zeros_like(x), x)
+    return clip_free(x, x.new_zeros(()))
 
 
 def box(x: Tensor, lower: float | Tensor | None = None,
@@ -75,12 +77,7 @@ def box(x: Tensor, lower: float | Tensor | None = None,
                                  f"to x's shape {tuple(x.shape)}.") from None
     if lo is not None and hi is not None and bool((lo.detach() > hi.detach()).any()):
         raise FoldError("box: lower > upper somewhere (empty box); check the bounds.")
-    out = x
-    if lo is not None:
-        out = torch.where(x < lo, lo, out)
-    if hi is not None:
-        out = torch.where(x > hi, hi, out)
-    return out
+    return clip_free(x, lo, hi)
 
 
 def _simplex_tau(v: Tensor, r: Tensor) -> Tensor:
@@ -112,17 +109,57 @@ def simplex(x: Tensor, radius: float | Tensor = 1.0) -> Tensor:
     return torch.where(mask, x - tau, torch.zeros_like(x))
 
 
-def k_subset(x: Tensor, k: float | Tensor, *, iters: int = 100) -> Tensor:
+def _k_subset_tau(x: Tensor, k: Tensor) -> Tensor:
+    """Exact threshold ``τ`` with ``s(τ) = Σ_i clip(x_i − τ, 0, 1) = k`` (no grad), ``(..., 1)``.
+
+    ``s`` is piecewise linear and nonincreasing, with breakpoints ``x_i − 1`` (coordinate ``i``
+    leaves the upper set) and ``x_i`` (it leaves the free set). With the ``2n`` breakpoints
+    ``T`` sorted, the number of free coordinates on ``(T_j, T_{j+1})`` is ``f_j`` (a running
+    count of ±1) and ``s(T_{j+1}) = s(T_j) − f_j (T_{j+1} − T_j)``, ``s(T_0) = n``: one sort and
+    two cumulative sums, ``O(n log n)``. The root is interpolated on the piece that brackets
+    ``k``; where ``s ≡ k`` on a piece of positive length (no free coordinate: ``k`` an integer
+    with a gap wider than 1 between the ``k``-th and ``k+1``-th largest ``x``), ``τ`` is that
+    piece's midpoint, so the free set is empty and ``z`` is locally constant.
+    """
+    n = x.shape[-1]
+    T, order = torch.sort(torch.cat([x - 1, x], dim=-1), dim=-1)
+    ones = torch.ones_like(x, dtype=torch.int64)
+    kind = torch.cat([ones, -ones], dim=-1).gather(-1, order)  # +1: enters F, −1: leaves F
+    nfree = torch.cumsum(kind, dim=-1)[..., :-1]  # free count on (T_j, T_{j+1})
+    nupper = n - torch.cumsum((kind > 0).to(torch.int64), dim=-1)[..., :-1]  # |U| there
+    dT = T[..., 1:] - T[..., :-1]
+    drop = torch.cumsum(nfree.to(x.dtype) * dT, dim=-1)
+    s = torch.cat([torch.zeros_like(T[..., :1]), drop], dim=-1).neg_().add_(n)  # s(T_j)
+    kb = k.expand(*x.shape[:-1], 1)
+    # last breakpoint with s ≥ k (s is monotone, so those form a prefix); s(T_0) = n ≥ k
+    j = ((s >= kb).sum(-1, keepdim=True) - 1).clamp(0, 2 * n - 2)
+    Tj, Tj1, sj = T.gather(-1, j), T.gather(-1, j + 1), s.gather(-1, j)
+    fj = nfree.gather(-1, j).to(x.dtype)
+    tau = torch.where(fj > 0, Tj + (sj - kb) / fj.clamp_min(1), Tj)
+    tau = torch.minimum(torch.maximum(tau, Tj), Tj1)
+    # a flat piece with s ≡ k exactly: counts are integers, so the test is exact
+    flat = (nfree == 0) & (dT > 0) & (nupper.to(x.dtype) == kb)
+    has_flat = flat.any(-1, keepdim=True)
+    jf = flat.to(torch.int64).argmax(-1, keepdim=True)
+    mid = 0.5 * (T.gather(-1, jf) + T.gather(-1, jf + 1))
+    return torch.where(has_flat, mid, tau)
+
+
+def k_subset(x: Tensor, k: float | Tensor, *, iters: int | None = None) -> Tensor:
     """Projection onto the LML polytope ``{0 ≤ z ≤ 1, 1ᵀz = k}``: ``z = clip(x − τ, 0, 1)``.
 
-    The dual scalar ``τ`` is found by bisection on ``Σ clip(x − τ, 0, 1) = k`` (``iters``
-    halvings of ``[min x − 1, max x]``) and then made exact by two Newton steps on the
-    piecewise-linear equation: with free set ``F = {0 ≤ x − τ ≤ 1}`` (kinks counted as free)
-    and upper set ``U = {x − τ > 1}``, ``τ = (Σ_F x + |U| − k)/|F|``. Jacobian:
-    ``diag(1_F) − 1_F 1_Fᵀ/|F|``, ``∂z/∂k = 1_F/|F|``. If ``F`` is empty (``k`` an integer and
-    a gap between the ``k``-th and ``k+1``-th largest ``x`` wider than 1), ``z`` is locally
-    constant: zero gradient. ``0 ≤ k ≤ n``: number, 0-d, or one per row.
+    The dual scalar ``τ`` solves the piecewise-linear equation ``Σ clip(x − τ, 0, 1) = k``
+    exactly (sort of the ``2n`` breakpoints, ``O(n log n)``, see :func:`_k_subset_tau`), then
+    is made exact to rounding on its linear piece: with free set ``F = {0 ≤ x − τ ≤ 1}``
+    (kinks counted as free) and upper set ``U = {x − τ > 1}``, ``τ = (Σ_F x + |U| − k)/|F|``.
+    Jacobian: ``diag(1_F) − 1_F 1_Fᵀ/|F|``, ``∂z/∂k = 1_F/|F|``. If ``F`` is empty (``k`` an
+    integer and a gap between the ``k``-th and ``k+1``-th largest ``x`` wider than 1), ``z``
+    is locally constant: zero gradient. ``0 ≤ k ≤ n``: number, 0-d, or one per row.
+    ``iters`` (the former bisection count) is deprecated and ignored.
     """
+    if iters is not None:
+        warnings.warn("k_subset: iters is deprecated and ignored (the threshold is now exact, "
+                      "sort-based); drop the argument.", DeprecationWarning, stacklevel=2)
     _check_x(x, "k_subset")
     n = x.shape[-1]
     kk = _row_param(k, x, "k", "k_subset")
@@ -130,15 +167,7 @@ def k_subset(x: Tensor, k: float | Tensor, *, iters: int = 100) -> Tensor:
         raise FoldError(f"k_subset: k must lie in [0, n={n}], got {kk.detach().flatten()[:5]}.")
     with torch.no_grad():
         xd, kd = x.detach(), kk.detach()
-        lo = xd.amin(-1, keepdim=True) - 1
-        hi = xd.amax(-1, keepdim=True)
-        for _ in range(iters):
-            mid = 0.5 * (lo + hi)
-            s = (xd - mid).clamp(0, 1).sum(-1, keepdim=True)
-            big = s > kd  # τ too small
-            lo = torch.where(big, mid, lo)
-            hi = torch.where(big, hi, mid)
-        tau = 0.5 * (lo + hi)
+        tau = _k_subset_tau(xd, kd)
         for _ in range(2):
             d = xd - tau
             F = (d >= 0) & (d <= 1)
@@ -247,8 +276,9 @@ def halfspace(x: Tensor, a: Tensor, b: float | Tensor) -> Tensor:
 
 
 def polytope(x: Tensor, A: Tensor | None = None, b: Tensor | None = None,
-             G: Tensor | None = None, h: Tensor | None = None, *, backward: str = "gmres",
-             backward_tol: float = 1e-12, admm_options: dict[str, Any] | None = None) -> Tensor:
+             G: Tensor | None = None, h: Tensor | None = None, *,
+             backward: str | Callable = "gmres", backward_tol: float = 1e-12,
+             admm_options: dict[str, Any] | None = None, strict: bool = False) -> Tensor:
     """Projection onto ``{z : Az = b, Gz ≤ h}`` — a QP whose solve is itself folded.
 
     Forward: :func:`fold_plugins.steps.solve_qp_admm` on ``min ½‖z‖² − xᵀz`` (no grad, with
@@ -262,6 +292,9 @@ def polytope(x: Tensor, A: Tensor | None = None, b: Tensor | None = None,
         x: ``(B, n)``. A: ``(m, n)``/``(B, m, n)`` with b: ``(m,)``/``(B, m)``; G: ``(p, n)``/
             ``(B, p, n)`` with h: ``(p,)``/``(B, p)``. Either pair may be ``None``.
         admm_options: keywords for ``solve_qp_admm`` (default ``tol=1e-12``).
+        backward, backward_tol: solver (name or callable) and tolerance of the folded backward.
+        strict: raise :class:`fold_plugins.FoldError` instead of warning when the inner ADMM
+            forward or its folded backward does not converge.
 
     Returns:
         ``(B, n)``.
@@ -292,4 +325,4 @@ def polytope(x: Tensor, A: Tensor | None = None, b: Tensor | None = None,
     opts = {"tol": 1e-12}
     opts.update(admm_options or {})
     return qp(P, -x, Aq, lq, uq, backward=backward, backward_tol=backward_tol,
-              admm_options=opts)
+              admm_options=opts, strict=strict)

@@ -146,6 +146,48 @@ def test_k_subset_empty_free_set_zero_gradient():
     assert torch.isfinite(x.grad).all() and float(x.grad.abs().max()) == 0.0
 
 
+def _k_subset_ref(v: np.ndarray, k: float) -> np.ndarray:
+    """Independent reference: 200 bisection halvings on τ for Σ clip(v − τ, 0, 1) = k."""
+    lo, hi = v.min() - 1, v.max()
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if np.clip(v - mid, 0, 1).sum() > k:
+            lo = mid
+        else:
+            hi = mid
+    return np.clip(v - 0.5 * (lo + hi), 0, 1)
+
+
+def test_k_subset_exact_threshold_ties_bounds_and_leading_dims():
+    """The sort-based threshold against a 200-step bisection in numpy: random rows, rows with
+    ties (x on a 0.5 grid, so breakpoints x_i and x_j − 1 coincide), k ∈ {0, n}, integer k,
+    leading batch dims and float32."""
+    g = torch.Generator().manual_seed(3)
+    worst = 0.0
+    for n, scale, grid in ((1, 1.0, False), (7, 1.0, False), (12, 0.2, False), (12, 4.0, False),
+                           (9, 1.0, True), (30, 2.0, True)):
+        x = scale * torch.randn(2, 3, n, generator=g, dtype=DT)
+        if grid:
+            x = torch.round(2 * x) / 2
+        k = n * torch.rand(2, 3, generator=g, dtype=DT)
+        k[0, 0], k[0, 1], k[1, 0] = 0.0, float(n), float(n // 2)
+        z = P.k_subset(x, k)
+        assert z.shape == x.shape
+        for idx in np.ndindex(2, 3):
+            ref = _k_subset_ref(x[idx].numpy(), float(k[idx]))
+            worst = max(worst, float(np.abs(z[idx].numpy() - ref).max()))
+        worst = max(worst, float((z.sum(-1) - k).abs().max()))
+    print(f"[measured] k_subset vs bisection reference (and |Σz − k|): {worst:.1e}")
+    assert worst < 1e-13, worst
+    x32 = torch.randn(4, 10, generator=g)
+    z32 = P.k_subset(x32, 3.5)
+    assert z32.dtype == torch.float32
+    ref32 = np.stack([_k_subset_ref(r.double().numpy(), 3.5) for r in x32])
+    assert np.abs(z32.double().numpy() - ref32).max() < 1e-6
+    with pytest.warns(DeprecationWarning, match="iters is deprecated"):
+        P.k_subset(x32, 3.5, iters=50)
+
+
 def test_l2_ball():
     x = torch.randn(4, 5, dtype=DT) * torch.tensor([[0.1], [1.0], [3.0], [0.2]], dtype=DT)
     r = torch.tensor([1.0, 0.5, 2.0, 1.0], dtype=DT)
@@ -258,6 +300,25 @@ def test_polytope_jacobians_fd():
     assert max(errs) < 1e-6
 
 
+def _one_iteration_gmres(matvec, b, *, x0=None, tol=1e-10, maxiter=None):
+    """A backward solver that gives up after one GMRES iteration (forces non-convergence)."""
+    return fp.solvers.gmres(matvec, b, x0=x0, tol=tol, maxiter=1)
+
+
+def test_polytope_strict_reaches_the_inner_fold():
+    """polytope's inner folded backward failing: FoldError with strict=True (naming the
+    instances), a FoldConvergenceWarning without; the default solver meets FD (above)."""
+    x, A, b, G, h = _poly_data()
+    xl = x.clone().requires_grad_(True)
+    z = P.polytope(xl, A, b, G, h, backward=_one_iteration_gmres, strict=True)
+    with pytest.raises(fp.FoldError, match=r"folded backward \(_one_iteration_gmres.*instance"
+                                           r"\(s\) \[0, 1\] of 2"):
+        torch.autograd.grad(z.sum(), xl)
+    z = P.polytope(xl, A, b, G, h, backward=_one_iteration_gmres)
+    with pytest.warns(fp.FoldConvergenceWarning, match=r"\[0, 1\] of 2"):
+        torch.autograd.grad(z.sum(), xl)
+
+
 def test_polytope_empty_raises():
     x = torch.randn(1, 2, dtype=DT)
     G = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=DT)
@@ -283,13 +344,18 @@ def test_shape_errors_name_shapes():
 
 
 def test_projections_inside_fold_projected_gradient_sparsemax():
-    """sparsemax as the fixed point of PG on min ½‖z − x‖² over the simplex: fold = closed form."""
-    x = torch.randn(4, 6, dtype=DT, requires_grad=True)
+    """sparsemax as the fixed point of PG on min ½‖z − x‖² over the simplex; the folded VJP
+    against the closed-form sparsemax Jacobian J = diag(s) − s sᵀ/|S| (s: support indicator),
+    i.e. Jᵀw = s ⊙ (w − ⟨s, w⟩/|S|)."""
+    x = (0.3 * torch.randn(4, 6, dtype=DT)).requires_grad_(True)
     step = fp.steps.projected_gradient(lambda z, x: z - x, P.simplex, 0.7)
     zs = P.simplex(x).detach()
-    z = fp.fold(step, zs, x)
+    z = fp.fold(step, zs, x, strict=True)
     w = torch.randn(4, 6, dtype=DT)
     (gx,) = torch.autograd.grad((z * w).sum(), x)
-    xx = x.detach().requires_grad_(True)
-    (gref,) = torch.autograd.grad((P.simplex(xx) * w).sum(), xx)
-    assert rel(gx, gref) < 1e-9
+    s = (zs > 0).to(DT)
+    assert bool((s.sum(1) >= 2).all()) and bool((s.sum(1) < 6).any())  # nontrivial supports
+    gref = s * (w - (s * w).sum(1, keepdim=True) / s.sum(1, keepdim=True))
+    err = rel(gx, gref)
+    print(f"[measured] folded sparsemax VJP vs closed-form Jacobian: {err:.1e}")
+    assert err < 1e-12, err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -11,7 +12,8 @@ from torch import Tensor
 from .._errors import FoldError
 
 __all__ = ["ShapeError", "bmv", "check_vector", "check_matrix", "check_batch_scalar",
-           "autograd_grad", "autograd_hessian", "as_tensor_like"]
+           "autograd_grad", "autograd_jacobian", "autograd_hessian", "as_tensor_like",
+           "clip_free"]
 
 
 class ShapeError(FoldError, ValueError):
@@ -25,6 +27,19 @@ def as_tensor_like(value: Any, ref: Tensor) -> Tensor:
             return value
         return value.to(dtype=ref.dtype, device=ref.device)
     return torch.as_tensor(value, dtype=ref.dtype, device=ref.device)
+
+
+def clip_free(v: Tensor, lo: Tensor | None = None, hi: Tensor | None = None) -> Tensor:
+    """``min(max(v, lo), hi)`` with the "free at the kink" derivative: ``∂/∂v = 1`` on
+    ``lo ≤ v ≤ hi`` (bounds included), ``∂/∂lo = 1`` where ``v < lo``, ``∂/∂hi = 1`` where
+    ``v > hi``; ``None`` means no bound. The one implementation of this rule (projections.box,
+    the ADMM and TV steps use it)."""
+    out = v
+    if lo is not None:
+        out = torch.where(v < lo, lo, out)
+    if hi is not None:
+        out = torch.where(v > hi, hi, out)
+    return out
 
 
 def bmv(M: Tensor, x: Tensor) -> Tensor:
@@ -94,16 +109,32 @@ def autograd_grad(f: Callable[..., Tensor], x: Tensor, params: Sequence[Any]) ->
 
 
 def autograd_jacobian(F: Tensor, x: Tensor, create_graph: bool) -> Tensor:
-    """``(B, k, n)`` Jacobian of ``F (B, k)`` w.r.t. ``x (B, n)``, one backward pass per output."""
+    """``(B, k, n)`` Jacobian of ``F (B, k)`` w.r.t. ``x (B, n)`` (rows of the batch independent).
+
+    One batched backward pass (``is_grads_batched`` with the ``k`` unit cotangents); where an
+    op has no batching rule it falls back to ``k`` backward passes, one per output.
+    """
     B, k = F.shape[0], F.shape[1]
-    rows = []
-    for i in range(k):
-        (gi,) = torch.autograd.grad(F[:, i].sum(), x, create_graph=create_graph,
-                                    retain_graph=True, allow_unused=True)
-        rows.append(torch.zeros_like(x) if gi is None else gi)
-    if not rows:
+    if k == 0:
         return x.new_zeros(B, 0, x.shape[1])
-    return torch.stack(rows, dim=1)
+    eye = torch.eye(k, dtype=F.dtype, device=F.device)
+    cot = eye.unsqueeze(1).expand(k, B, k)  # cot[i, b] = e_i
+    try:
+        with warnings.catch_warnings():
+            # ops without a batching rule run in a (correct) slow loop and say so
+            warnings.filterwarnings("ignore", message=r".*performance drop.*")
+            (J,) = torch.autograd.grad(F, x, cot, create_graph=create_graph, retain_graph=True,
+                                       allow_unused=True, is_grads_batched=True)
+    except RuntimeError:
+        rows = []
+        for i in range(k):
+            (gi,) = torch.autograd.grad(F[:, i].sum(), x, create_graph=create_graph,
+                                        retain_graph=True, allow_unused=True)
+            rows.append(torch.zeros_like(x) if gi is None else gi)
+        return torch.stack(rows, dim=1)
+    if J is None:  # F does not depend on x
+        return x.new_zeros(B, k, x.shape[1])
+    return J.transpose(0, 1)
 
 
 def autograd_hessian(f: Callable[..., Tensor], x: Tensor, params: Sequence[Any]) -> Tensor:

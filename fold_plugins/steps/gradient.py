@@ -10,7 +10,6 @@ not interact (row ``b`` of the output depends only on row ``b`` of the inputs).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._errors import FoldConvergenceWarning, FoldError
+from .._errors import FoldError, instance_list, report_unconverged
+from .._state import as_parts, fixed_point_iteration, pack
 from ._common import (
     ShapeError,
     autograd_grad,
@@ -48,8 +48,15 @@ def _grad_fn(grad: GradFn | None, objective: Callable[..., Tensor] | None,
             out = grad(x, *params)
             if not isinstance(out, Tensor) or out.shape != x.shape:
                 shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-                raise ShapeError(f"{where}: grad returned {shape}, expected the state's shape "
-                                 f"{tuple(x.shape)}.")
+                hint = ""
+                per_instance = isinstance(out, Tensor) and tuple(out.shape) in ((), (x.shape[0],))
+                if per_instance:
+                    hint = (f" It returned one value per instance, like an objective f(x) -> "
+                            f"({x.shape[0]},): pass such a function as objective=f (keyword), "
+                            f"e.g. {where}(objective=f, ...), and autograd supplies ∇f.")
+                raise ShapeError(f"{where}: grad (the first argument) must return the gradient "
+                                 f"∇f(x), shaped like the state {tuple(x.shape)}; it returned "
+                                 f"{shape}.{hint}")
             return out
         return g
     if not callable(objective):
@@ -233,7 +240,7 @@ def newton(grad: GradFn | None = None, *, objective: Callable[..., Tensor] | Non
             return autograd_hessian(objective, x, params)
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
-            gx = grad(xg, *[p.detach() if isinstance(p, Tensor) else p for p in params])
+            gx = g(xg, tuple(p.detach() if isinstance(p, Tensor) else p for p in params))
             H = autograd_jacobian(gx, xg, create_graph=False)
         return H.detach()
 
@@ -263,62 +270,55 @@ class IterateInfo:
         iterations: ``(B,)`` int64 iterations until the residual fell below ``tol``.
         residual: ``(B,)`` final ``‖U(x) − x‖ / (1 + ‖x‖)`` (flattened over a tuple state).
         converged: ``(B,)`` bool.
+        diverged: ``(B,)`` bool, the step returned NaN/Inf (the instance kept its last finite
+            iterate); ``None`` from drivers that do not track it.
     """
 
     iterations: Tensor
     residual: Tensor
     converged: Tensor
-
-
-def _flat(parts: tuple[Tensor, ...], B: int) -> Tensor:
-    return torch.cat([p.reshape(B, -1) for p in parts], dim=1)
+    diverged: Tensor | None = None
 
 
 def iterate(step: Callable, x0: Tensor | tuple[Tensor, ...], *params: Any, tol: float = 1e-12,
-            maxiter: int = 10_000, warn: bool = True) -> tuple[Any, IterateInfo]:
+            maxiter: int = 10_000, warn: bool = True, batched: bool = True,
+            strict: bool = False) -> tuple[Any, IterateInfo]:
     """Run ``x ← step(x, *params)`` under ``no_grad`` until ``‖U(x) − x‖/(1+‖x‖) ≤ tol`` per
-    instance (converged instances are frozen). Batched: dim 0 of every state tensor.
+    instance (converged instances are frozen; an instance whose step returns NaN/Inf keeps its
+    last finite iterate and is reported). Batched: dim 0 of every state tensor, unless
+    ``batched=False`` (the whole state is one problem).
 
     Returns:
         ``(x, IterateInfo)``; warns :class:`FoldConvergenceWarning` naming unconverged
-        instances when ``warn``.
+        instances when ``warn`` (``strict``: raises :class:`FoldError` instead).
     """
-    tuple_state = isinstance(x0, (tuple, list))
-    parts = tuple(t.detach() for t in (x0 if tuple_state else (x0,)))
-    B = parts[0].shape[0]
-    its = torch.zeros(B, dtype=torch.int64, device=parts[0].device)
-    done = torch.zeros(B, dtype=torch.bool, device=parts[0].device)
-    res = torch.full((B,), torch.inf, dtype=parts[0].dtype, device=parts[0].device)
-    with torch.no_grad():
-        for _k in range(maxiter):
-            out = step(parts if tuple_state else parts[0], *params)
-            new = tuple(out) if tuple_state else (out,)
-            r = (_flat(new, B) - _flat(parts, B)).norm(dim=1) / (1 + _flat(parts, B).norm(dim=1))
-            res = torch.where(done, res, r)
-            parts = tuple(torch.where(done.view(B, *([1] * (p.dim() - 1))), p, q)
-                          for p, q in zip(parts, new))
-            its = torch.where(done, its, its + 1)
-            done = done | (r <= tol)
-            if bool(done.all()):
-                break
-    if warn and not bool(done.all()):
-        bad = torch.nonzero(~done).flatten().tolist()
-        warnings.warn(f"iterate: instance(s) {bad[:20]} did not reach tol {tol:.1e} in {maxiter} "
-                      f"iterations (residual up to {float(res[~done].max()):.2e}); raise maxiter "
-                      "or use a better-conditioned step.", FoldConvergenceWarning, stacklevel=2)
-    return (parts if tuple_state else parts[0]), IterateInfo(its, res, done)
+    parts, is_tuple = as_parts(x0, "iterate: x0")
+    parts = tuple(t.detach() for t in parts)
+    r = fixed_point_iteration(step, parts, is_tuple, params, tol=tol, maxiter=maxiter,
+                              batched=batched, where="iterate")
+    if (warn or strict) and not bool(r.converged.all()):
+        remedy = "raise maxiter or use a better-conditioned step (larger step size)"
+        if bool(r.diverged.any()):
+            remedy = (f"the step returned NaN/Inf for instance(s) {instance_list(r.diverged)} "
+                      "(kept at the last finite iterate): lower its step size; " + remedy)
+        report_unconverged(~r.converged, r.residual,
+                           f"iterate (tol {tol:.1e}, maxiter {maxiter}; error = "
+                           "‖U(x) − x‖/(1+‖x‖))", remedy, strict)
+    return pack(r.parts, is_tuple), IterateInfo(r.iterations, r.residual, r.converged,
+                                                r.diverged)
 
 
 def minimize_newton(objective: Callable[..., Tensor], x0: Tensor, *params: Any,
-                    tol: float = 1e-12, maxiter: int = 100,
-                    regularization: float = 0.0) -> tuple[Tensor, IterateInfo]:
+                    tol: float = 1e-12, maxiter: int = 100, regularization: float = 0.0,
+                    warn: bool = True, strict: bool = False) -> tuple[Tensor, IterateInfo]:
     """Forward solve of ``min f(x, θ)`` by damped Newton with Armijo backtracking (no grad).
 
     Where the Hessian is not positive definite it is shifted by ``(|λ_min| + 1e-8·‖H‖) I``.
     Stops per instance when ``‖∇f‖ / (1 + |f|) ≤ tol``.
 
     Returns:
-        ``(x, IterateInfo)`` with ``residual`` the final ``‖∇f‖/(1+|f|)``.
+        ``(x, IterateInfo)`` with ``residual`` the final ``‖∇f‖/(1+|f|)``; unconverged
+        instances warn :class:`FoldConvergenceWarning` when ``warn`` (``strict``: raise).
     """
     _check_state(x0, "minimize_newton")
     x = x0.detach().clone()
@@ -351,10 +351,9 @@ def minimize_newton(objective: Callable[..., Tensor], x0: Tensor, *params: Any,
                 t = torch.where(ok, t, 0.5 * t)
             x = torch.where(done.view(B, 1), x, x + t.view(B, 1) * d)
             its = torch.where(done, its, its + 1)
-    if not bool(done.all()):
-        bad = torch.nonzero(~done).flatten().tolist()
-        warnings.warn(f"minimize_newton: instance(s) {bad[:20]} did not reach tol {tol:.1e} in "
-                      f"{maxiter} iterations (‖∇f‖/(1+|f|) up to {float(res[~done].max()):.2e}).",
-                      FoldConvergenceWarning, stacklevel=2)
+    if (warn or strict) and not bool(done.all()):
+        report_unconverged(~done, res, f"minimize_newton (tol {tol:.1e}, maxiter {maxiter}; "
+                           "error = ‖∇f‖/(1+|f|))", "raise maxiter, start closer, or add "
+                           "regularization=δ > 0 where the Hessian is ill-conditioned", strict)
     return x, IterateInfo(its, res, done)
 

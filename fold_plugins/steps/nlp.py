@@ -12,7 +12,6 @@ Problem (per instance, nonconvex allowed)::
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._errors import FoldConvergenceWarning, FoldError
+from .._errors import FoldError, report_unconverged
 from ._common import ShapeError, autograd_jacobian
 from .quadprog import INF, admm_qp, solve_qp_admm
 
@@ -89,7 +88,8 @@ def _convexify(H: Tensor, hessian: str | Callable, min_eig: float) -> Tensor:
 
 def sqp(f: Fn, g: Fn | None = None, h: Fn | None = None, *, hessian: str | Callable = "auto",
         min_eig: float = 1e-8, qp_options: dict[str, Any] | None = None,
-        qp_backward: str = "gmres", qp_backward_tol: float = 1e-12) -> Callable[..., tuple]:
+        qp_backward: str | Callable = "gmres", qp_backward_tol: float = 1e-12,
+        strict: bool = False) -> Callable[..., tuple]:
     """One full SQP (Newton–KKT) step ``(x, λ, ν) ↦ (x + d, λ_QP, ν_QP)`` where ``d``, ``λ_QP``,
     ``ν_QP`` solve the QP subproblem::
 
@@ -112,8 +112,13 @@ def sqp(f: Fn, g: Fn | None = None, h: Fn | None = None, *, hessian: str | Calla
 
     Args:
         f, g, h: see the module docstring (``g``/``h`` may be ``None``).
-        qp_options: keywords for ``solve_qp_admm`` (e.g. ``{"tol": 1e-12}``).
-        qp_backward, qp_backward_tol: solver and tolerance of the inner (QP) folded backward.
+        qp_options: keywords for ``solve_qp_admm`` (e.g. ``{"tol": 1e-12}``); its ``sigma``,
+            ``alpha`` and ``rho_eq_scale`` also configure the folded inner ``admm_qp`` step.
+        qp_backward, qp_backward_tol: solver (name or callable) and tolerance of the inner
+            (QP) folded backward.
+        strict: raise :class:`FoldError` instead of warning when the inner QP's forward
+            (unless ``qp_options`` sets its own ``strict``) or its folded backward does not
+            converge.
 
     Returns:
         ``step(state, *params)`` with ``state = (x (B, n), λ (B, p), ν (B, m))`` (``p`` or ``m``
@@ -126,6 +131,7 @@ def sqp(f: Fn, g: Fn | None = None, h: Fn | None = None, *, hessian: str | Calla
         raise FoldError(f"sqp: hessian must be 'auto', 'exact' or a callable, got {hessian!r}.")
     qopts = {"tol": 1e-13, "maxiter": 50_000}
     qopts.update(qp_options or {})
+    qfwd = {"strict": strict, **qopts}
 
     def step(state: tuple[Tensor, Tensor, Tensor], *params: Any) -> tuple[Tensor, Tensor, Tensor]:
         from ..fold import fold
@@ -154,12 +160,13 @@ def sqp(f: Fn, g: Fn | None = None, h: Fn | None = None, *, hessian: str | Calla
                                                                    lq.detach()), uq.detach()),
                     torch.cat([lam, nu], dim=1).detach())
             (d0, z0, y0), info = solve_qp_admm(H, gf.detach(), Aq.detach(), lq.detach(),
-                                               uq.detach(), warm_start=warm, **qopts)
+                                               uq.detach(), warm_start=warm, **qfwd)
         if outer and any(t.requires_grad for t in (gf, Aq, lq, uq)):
             qstep = admm_qp(rho=info.rho, sigma=qopts.get("sigma", 1e-6),
-                            alpha=qopts.get("alpha", 1.6))
+                            alpha=qopts.get("alpha", 1.6),
+                            rho_eq_scale=qopts.get("rho_eq_scale", 1e3))
             d, _, yq = fold(qstep, (d0, z0, y0), H, gf, Aq, lq, uq, solver=qp_backward,
-                            tol=qp_backward_tol)
+                            tol=qp_backward_tol, strict=strict)
         else:
             d, yq = d0, y0
         return x + d, yq[:, :p], yq[:, p:]
@@ -197,8 +204,8 @@ def sqp_kkt_residual(f: Fn, g: Fn | None, h: Fn | None, x: Tensor, lam: Tensor, 
 def solve_sqp(f: Fn, g: Fn | None, h: Fn | None, x0: Tensor, *params: Any,
               lam0: Tensor | None = None, nu0: Tensor | None = None, tol: float = 1e-10,
               maxiter: int = 200, hessian: str | Callable = "auto", min_eig: float = 1e-8,
-              qp_options: dict[str, Any] | None = None, warn: bool = True
-              ) -> tuple[tuple[Tensor, Tensor, Tensor], SQPInfo]:
+              qp_options: dict[str, Any] | None = None, warn: bool = True,
+              strict: bool = False) -> tuple[tuple[Tensor, Tensor, Tensor], SQPInfo]:
     """Forward SQP with an ℓ1-merit Armijo line search (no grad).
 
     Each iteration solves the QP of :func:`sqp`, then backtracks on
@@ -209,7 +216,9 @@ def solve_sqp(f: Fn, g: Fn | None, h: Fn | None, x0: Tensor, *params: Any,
 
     Returns:
         ``((x, λ, ν), SQPInfo)``; stops per instance when the KKT residual
-        (:func:`sqp_kkt_residual`) is ≤ ``tol``.
+        (:func:`sqp_kkt_residual`) is ≤ ``tol``. Unconverged instances warn
+        :class:`FoldConvergenceWarning` when ``warn``; ``strict`` raises :class:`FoldError`
+        instead (also for the inner QP solves).
     """
     if not isinstance(x0, Tensor) or x0.dim() != 2:
         raise ShapeError(f"solve_sqp: x0 must be (B, n), got "
@@ -222,7 +231,7 @@ def solve_sqp(f: Fn, g: Fn | None, h: Fn | None, x0: Tensor, *params: Any,
     p, m = gv.shape[1], hv.shape[1]
     lam = x.new_zeros(B, p) if lam0 is None else lam0.detach().clone()
     nu = x.new_zeros(B, m) if nu0 is None else nu0.detach().clone()
-    step = sqp(f, g, h, hessian=hessian, min_eig=min_eig, qp_options=qp_options)
+    step = sqp(f, g, h, hessian=hessian, min_eig=min_eig, qp_options=qp_options, strict=strict)
     its = torch.zeros(B, dtype=torch.int64, device=x.device)
     done = torch.zeros(B, dtype=torch.bool, device=x.device)
     mu = x.new_ones(B)
@@ -265,9 +274,7 @@ def solve_sqp(f: Fn, g: Fn | None, h: Fn | None, x0: Tensor, *params: Any,
             its = torch.where(done, its, its + 1)
         res = torch.where(done, res, sqp_kkt_residual(f, g, h, x, lam, nu, *pd))
         done |= res <= tol
-    if warn and not bool(done.all()):
-        bad = torch.nonzero(~done).flatten().tolist()
-        warnings.warn(f"solve_sqp: instance(s) {bad[:20]} did not reach KKT residual {tol:.1e} in "
-                      f"{maxiter} iterations (up to {float(res[~done].max()):.2e}); raise maxiter "
-                      "or start closer.", FoldConvergenceWarning, stacklevel=2)
+    if (warn or strict) and not bool(done.all()):
+        report_unconverged(~done, res, f"solve_sqp (KKT tol {tol:.1e}, maxiter {maxiter}; "
+                           "error = KKT residual)", "raise maxiter or start closer", strict)
     return (x, lam, nu), SQPInfo(its, res, done)

@@ -20,7 +20,6 @@ State ``(x (B, n), z (B, m), y (B, m))``; ``y`` is the multiplier of ``l ≤ Ax 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,8 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._errors import FoldConvergenceWarning, FoldError
-from ._common import ShapeError, bmtv, bmv, check_matrix, check_vector
+from .._errors import FoldError, report_unconverged
+from ._common import ShapeError, bmtv, bmv, check_matrix, check_vector, clip_free
 
 __all__ = ["admm_qp", "solve_qp_admm", "qp", "QPInfo", "QPInfeasibleError", "INF",
            "qp_kkt_residual"]
@@ -44,11 +43,6 @@ class QPInfeasibleError(FoldError):
 def _amax(t: Tensor) -> Tensor:
     """Row-wise ``max |t|`` of a ``(B, k)`` tensor, 0 when ``k = 0``."""
     return t.abs().amax(dim=1) if t.shape[1] else t.new_zeros(t.shape[0])
-
-
-def _box(v: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    # "free at the kink" convention (as fp.projections.box): v == bound keeps dv/dv = 1
-    return torch.where(v < lo, lo, torch.where(v > hi, hi, v))
 
 
 def _qp_shapes(P: Tensor, q: Tensor, A: Tensor, l: Tensor, u: Tensor, B: int | None,
@@ -168,7 +162,7 @@ def admm_qp(rho: float | Tensor = 0.1, sigma: float = 1e-6, alpha: float = 1.6,
         zt = bmv(A, xt)
         xn = alpha * xt + (1 - alpha) * x
         zr = alpha * zt + (1 - alpha) * z
-        zn = _box(zr + y / R, l, u)
+        zn = clip_free(zr + y / R, l, u)  # free at the kink (as fp.projections.box)
         yn = y + R * (zr - zn)
         return xn, zn, yn
     return step
@@ -272,7 +266,8 @@ def solve_qp_admm(P: Tensor, q: Tensor, A: Tensor, l: Tensor, u: Tensor, *,
                   check_every: int = 10, adaptive_rho: bool = True, polish: bool = True,
                   warm_start: tuple[Tensor, Tensor, Tensor] | None = None,
                   eps_infeasible: float = 1e-6, raise_infeasible: bool = True,
-                  warn: bool = True) -> tuple[tuple[Tensor, Tensor, Tensor], QPInfo]:
+                  warn: bool = True, strict: bool = False
+                  ) -> tuple[tuple[Tensor, Tensor, Tensor], QPInfo]:
     """Forward QP solve by OSQP's ADMM (:func:`admm_qp` iterations) under ``no_grad``.
 
     Every ``check_every`` iterations: residuals ``r_p = ‖Ax − z‖∞``, ``r_d = ‖Px+q+Aᵀy‖∞``;
@@ -291,7 +286,8 @@ def solve_qp_admm(P: Tensor, q: Tensor, A: Tensor, l: Tensor, u: Tensor, *,
 
     Returns:
         ``((x, z, y), QPInfo)``; tensors detached, in ``q``'s dtype/device. Warns
-        :class:`FoldConvergenceWarning` for instances that hit ``maxiter``.
+        :class:`FoldConvergenceWarning` for instances that hit ``maxiter`` when ``warn``
+        (``strict``: raises :class:`FoldError` instead).
     """
     where = "solve_qp_admm"
     B, n, m = _qp_shapes(P, q, A, l, u, None, where)
@@ -438,12 +434,13 @@ def solve_qp_admm(P: Tensor, q: Tensor, A: Tensor, l: Tensor, u: Tensor, *,
             "solution exists, so there is no gradient. Check l ≤ Ax ≤ u (primal) or that P, q "
             "make the objective bounded below (dual). Pass raise_infeasible=False to get the "
             "status instead.")
-    unconv = [i for i, s in enumerate(status) if s == "max_iter"]
-    if unconv and warn:
-        warnings.warn(f"{where}: instance(s) {unconv[:20]} did not converge in {maxiter} "
-                      f"iterations (primal residual up to {float(rp[unconv].max()):.2e}, dual "
-                      f"{float(rd[unconv].max()):.2e}, tol {tol:.1e}); raise maxiter, rescale the "
-                      "problem, or loosen tol.", FoldConvergenceWarning, stacklevel=2)
+    unconv = torch.tensor([s == "max_iter" for s in status], device=dev)
+    if (warn or strict) and bool(unconv.any()):
+        report_unconverged(unconv, torch.maximum(rp, rd),
+                           f"{where} (maxiter {maxiter}, tol {tol:.1e}; primal residual "
+                           f"‖Ax − z‖∞ up to {float(rp[unconv].max()):.2e}, dual ‖Px + q + Aᵀy‖∞ "
+                           f"up to {float(rd[unconv].max()):.2e}; error = the larger)",
+                           "raise maxiter, rescale the problem, or loosen tol", strict)
     return (x, z, y), info
 
 
@@ -454,6 +451,8 @@ def qp(P: Tensor, q: Tensor, A: Tensor, l: Tensor, u: Tensor, *, backward: str =
     :func:`fold_plugins.fold` with :func:`admm_qp` (no unrolling of the ADMM iterations).
 
     Infinite bounds are clamped to ``±INF`` (differentiably; zero gradient there).
+    ``strict``: raise :class:`FoldError` when the forward (unless ``admm_options`` sets its
+    own ``strict``) or the folded backward does not converge, instead of warning.
 
     Returns:
         ``x (B, n)``, or the folded state ``(x, z, y)`` with ``return_state``; with
@@ -462,7 +461,8 @@ def qp(P: Tensor, q: Tensor, A: Tensor, l: Tensor, u: Tensor, *, backward: str =
     from ..fold import FoldInfo, fold
 
     opts = dict(admm_options or {})
-    (x, z, y), info = solve_qp_admm(P, q, A, l, u, warm_start=warm_start, **opts)
+    fwd = {"strict": strict, **opts}
+    (x, z, y), info = solve_qp_admm(P, q, A, l, u, warm_start=warm_start, **fwd)
     lc, uc = l.clamp(-INF, INF), u.clamp(-INF, INF)
     step = admm_qp(rho=info.rho, sigma=opts.get("sigma", 1e-6), alpha=opts.get("alpha", 1.6),
                    rho_eq_scale=opts.get("rho_eq_scale", 1e3))

@@ -12,22 +12,25 @@ iteration-dependent; its fixed point is the same)::
     U(u) = Π_[−λ, λ](u + t D(y − Dᵀu))
 
 Shapes: ``u (B, m)``, ``y (B, n)`` (or ``(n,)`` shared), ``D (m, n)`` or ``(B, m, n)``,
-``λ`` a number, 0-d, ``(B,)``, ``(B, 1)``, ``(m,)`` or ``(B, m)`` tensor (≥ 0). To
+``λ ≥ 0``: a number or 0-d tensor (shared); ``(B, 1)`` (one per instance); ``(m,)`` or
+``(1, m)`` (one per row of ``D``, shared); ``(B, m)`` (per instance and row). A bare 1-D
+``(B,)`` is read as one per instance only when ``B ≠ m``; when ``B = m`` a 1-D λ is ambiguous
+and raises :class:`~fold_plugins.steps.ShapeError` (reshape to ``(B, 1)`` or ``(1, m)``). To
 differentiate ``x``: ``u = fp.fold(fdpg_tv(), u_star, y, lam, D)`` then ``x = tv_primal(u, y,
 D)`` (:func:`tv_denoise` does both); gradients reach ``y``, ``λ`` and ``D``.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .._errors import FoldConvergenceWarning, FoldError
-from ._common import ShapeError, as_tensor_like, bmtv, bmv, check_matrix, check_vector
+from .._errors import FoldError, report_unconverged
+from .._state import relative_residual
+from ._common import ShapeError, as_tensor_like, bmtv, bmv, check_matrix, check_vector, clip_free
 
 __all__ = ["fdpg_tv", "solve_tv", "tv_denoise", "tv_primal", "difference_matrix", "TVInfo"]
 
@@ -45,16 +48,26 @@ def difference_matrix(n: int, *, dtype: torch.dtype = torch.float64,
 
 
 def _lam(lam: float | Tensor, B: int, m: int, ref: Tensor, where: str) -> Tensor:
+    """λ as a tensor broadcastable against ``u (B, m)``; the shape convention is in the module
+    docstring (a 1-D λ of length ``B = m`` is ambiguous and rejected)."""
     t = as_tensor_like(lam, ref)
-    if t.dim() == 0:
+    shape = tuple(t.shape)
+    if t.dim() == 0 or shape in ((B, 1), (1, m), (B, m)):
         out = t
-    elif tuple(t.shape) in ((B,), (B, 1)):
+    elif shape == (m,) and B == m and m > 1:
+        raise ShapeError(
+            f"{where}: lam has shape {shape} and B = m = {m}, so it could mean one weight per "
+            f"instance or one weight per row of D. Reshape it: ({B}, 1) for one per instance "
+            f"(lam.reshape(-1, 1)), or (1, {m}) for one per row of D shared by the batch "
+            "(lam.reshape(1, -1)).")
+    elif shape == (B,):  # B ≠ m (or B = m = 1): one per instance
         out = t.reshape(B, 1)
-    elif tuple(t.shape) in ((m,), (B, m), (1, m)):
+    elif shape == (m,):  # B ≠ m: one per row of D
         out = t
     else:
-        raise ShapeError(f"{where}: lam has shape {tuple(t.shape)}; give a number, a 0-d tensor, "
-                         f"({B},) (one weight per instance) or ({m},)/({B}, {m}) (per row of D).")
+        raise ShapeError(f"{where}: lam has shape {shape}; give a number or 0-d tensor, "
+                         f"({B}, 1) (one weight per instance), ({m},) or (1, {m}) (per row of "
+                         f"D), or ({B}, {m}) (per instance and row).")
     if bool((out.detach() < 0).any()):
         raise FoldError(f"{where}: lam must be ≥ 0, got min {float(out.min()):.3g}.")
     return out
@@ -108,8 +121,7 @@ def fdpg_tv(step_size: float | Tensor | None = None) -> Callable[..., Tensor]:
         if isinstance(t, Tensor) and t.dim() == 1:
             t = t.reshape(-1, 1)
         v = u + t * bmv(D, tv_primal(u, y, D))
-        return torch.where(v < -lm, -lm, torch.where(v > lm, lm, v)) if isinstance(lm, Tensor) \
-            else v.clamp(-lm, lm)
+        return clip_free(v, -lm, lm)  # free at the kink (as fp.projections.box)
     return step
 
 
@@ -144,7 +156,7 @@ def _polish(u: Tensor, y: Tensor, lm: Tensor, D: Tensor) -> Tensor:
 
 def solve_tv(y: Tensor, lam: float | Tensor, D: Tensor | None = None, *, tol: float = 1e-12,
              maxiter: int = 20_000, check_every: int = 20, polish: bool = True,
-             warn: bool = True) -> tuple[Tensor, TVInfo]:
+             warn: bool = True, strict: bool = False) -> tuple[Tensor, TVInfo]:
     """FDPG forward (FISTA on the dual, adaptive restart) under ``no_grad``, with an optional
     active-set polish every ``check_every`` iterations (accepted when it lowers the residual).
 
@@ -154,6 +166,8 @@ def solve_tv(y: Tensor, lam: float | Tensor, D: Tensor | None = None, *, tol: fl
 
     Returns:
         ``(u, TVInfo)``: the dual solution ``(B, m)``; recover ``x = tv_primal(u, y, D)``.
+        Unconverged instances warn :class:`FoldConvergenceWarning` when ``warn``
+        (``strict``: raise :class:`FoldError`).
     """
     if not isinstance(y, Tensor) or y.dim() != 2:
         raise ShapeError(f"solve_tv: y must be (B, n), got "
@@ -176,7 +190,7 @@ def solve_tv(y: Tensor, lam: float | Tensor, D: Tensor | None = None, *, tol: fl
         res = torch.full((B,), torch.inf, dtype=y.dtype, device=y.device)
 
         def resid(v: Tensor) -> Tensor:
-            return (plain(v, y, lm, D) - v).norm(dim=1) / (1 + v.norm(dim=1))
+            return relative_residual((plain(v, y, lm, D),), (v,))
 
         for k in range(1, maxiter + 1):
             un = plain(w, y, lm, D)
@@ -206,19 +220,19 @@ def solve_tv(y: Tensor, lam: float | Tensor, D: Tensor | None = None, *, tol: fl
             done |= r <= tol
             if bool(done.all()):
                 break
-    if warn and not bool(done.all()):
-        bad = torch.nonzero(~done).flatten().tolist()
-        warnings.warn(f"solve_tv: instance(s) {bad[:20]} did not reach tol {tol:.1e} in {maxiter} "
-                      f"iterations (residual up to {float(res[~done].max()):.2e}).",
-                      FoldConvergenceWarning, stacklevel=2)
+    if (warn or strict) and not bool(done.all()):
+        report_unconverged(~done, res, f"solve_tv (tol {tol:.1e}, maxiter {maxiter}; error = "
+                           "‖U(u) − u‖/(1+‖u‖) of the dual step)", "raise maxiter, or loosen "
+                           "tol", strict)
     return u, TVInfo(its, res, done, polished)
 
 
 def tv_denoise(y: Tensor, lam: float | Tensor, D: Tensor | None = None, *,
                backward: str = "gmres", backward_tol: float = 1e-12, return_info: bool = False,
-               **solve_options):
+               strict: bool = False, **solve_options):
     """Differentiable TV denoising ``x*(y, λ, D)``: :func:`solve_tv` forward, the dual fixed
-    point folded with :func:`fdpg_tv`, then ``x = y − Dᵀu``.
+    point folded with :func:`fdpg_tv`, then ``x = y − Dᵀu``. ``strict``: raise
+    :class:`FoldError` when the forward or the folded backward does not converge.
 
     Returns:
         ``x (B, n)`` (and ``(FoldInfo, TVInfo)`` with ``return_info``).
@@ -227,11 +241,12 @@ def tv_denoise(y: Tensor, lam: float | Tensor, D: Tensor | None = None, *,
 
     if D is None:
         D = difference_matrix(y.shape[-1], dtype=y.dtype, device=y.device)
-    u_star, info = solve_tv(y, lam, D, **solve_options)
+    u_star, info = solve_tv(y, lam, D, **{"strict": strict, **solve_options})
     finfo = FoldInfo()
     finfo.forward_iterations, finfo.forward_residual = info.iterations, info.residual
     finfo.forward_converged = info.converged
     lam_t = as_tensor_like(lam, y)
-    u = fold(fdpg_tv(), u_star, y, lam_t, D, solver=backward, tol=backward_tol, info=finfo)
+    u = fold(fdpg_tv(), u_star, y, lam_t, D, solver=backward, tol=backward_tol, info=finfo,
+             strict=strict)
     x = tv_primal(u, y, D)
     return (x, finfo, info) if return_info else x

@@ -59,6 +59,16 @@ def _backward_summary(case) -> str:
     return f"{info.backward_solver} ({int(info.backward_iterations.max())} it)"
 
 
+#: references less accurate than the folded gradient itself are judged at the issue's bound
+LOOSE_TOL = 1e-5
+_LOOSE = ("cvxpylayers (Clarabel)", "finite differences")
+
+
+def _judge_tol(case, ref_name: str) -> float:
+    """Tolerance for the ✗ mark: the case's own for SCS/diffcp, the issue's bound otherwise."""
+    return max(case.rtol, LOOSE_TOL) if ref_name in _LOOSE else case.rtol
+
+
 def run(cfg: Config) -> SuiteResult:
     """One row per case: worst relative VJP error of folded against each reference."""
     from fold_plugins.verify import compare_gradients
@@ -116,7 +126,7 @@ def run(cfg: Config) -> SuiteResult:
         for r in REFERENCES:
             e = entry.get(r, {})
             if "worst" in e:
-                ok = "" if e["worst"] <= case.rtol else " ✗"
+                ok = "" if e["worst"] <= _judge_tol(case, r) else " ✗"
                 cells.append(f"{fmt_err(e['worst'])}{ok}")
             elif "skipped" in e:
                 cells.append("n/a")
@@ -131,8 +141,11 @@ def run(cfg: Config) -> SuiteResult:
     res.data = {"cases": data, "n_directions": n_dir, "n_directions_fd": n_dir_fd}
     md = [__doc__.split("\n\n", 1)[1].strip(), "",
           f"{n_dir} random cotangent(s) per cvx reference, {n_dir_fd} for finite differences; "
-          "✗ marks an error above the case's cross-check tolerance (compare the columns to "
-          "see which side is off: the references differ in forward accuracy).", "",
+          "✗ marks an error above the tolerance the test suite holds that reference to: the "
+          "case's own cross-check tolerance (column *tol*) for cvxpylayers (SCS) and diffcp, "
+          f"and max(tol, {LOOSE_TOL:.0e}) — the issue's cross-check bound — for Clarabel "
+          "(its conic forward stops near 1e-7) and for finite differences (truncation and "
+          "round-off). Compare the columns to see which side is off.", "",
           table(["case", "forward", "folded step → backward", "parameters (shape)", "tol",
                  *REFERENCES], rows)]
     vals = [(e.get("value_error"), c, r) for c, d in data.items() for r, e in d.items()

@@ -124,14 +124,16 @@ def fixed_point(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: flo
 
 def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e-10,
           maxiter: int | None = None, restart: int | None = None) -> tuple[Tensor, SolveInfo]:
-    """Restarted GMRES, batched: one Krylov basis per instance, classical Gram–Schmidt.
+    """Restarted GMRES, batched: one Krylov basis per instance.
 
     Minimises ``‖b − A x‖`` over the Krylov space, tracking each instance's residual with
     Givens rotations; an instance is done when its relative residual is ≤ ``tol``. The
-    estimate ends a cycle; the true residual, recomputed at each restart, decides. Gram–Schmidt
-    is classical and applied twice (CGS2). In exact
-    arithmetic an instance converges in at most ``rank(A − I) + 1`` iterations. The returned
-    residual is recomputed from ``x`` (one extra operator application), not the estimate.
+    estimate ends a cycle; the true residual, recomputed at each restart and at the end (one
+    extra operator application), decides. Gram–Schmidt is classical and applied twice (CGS2).
+    In exact arithmetic an instance converges in at most ``rank(A − I) + 1`` iterations.
+
+    The inner loop is written for few tensor operations per iteration (≈30, besides the
+    operator): at small sizes their dispatch, not the arithmetic, is what costs.
 
     Args:
         maxiter: total Krylov iterations over all restart cycles (default ``max(2n, 100)``,
@@ -146,19 +148,21 @@ def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
     m = int(restart) if restart is not None else min(n, 60)
     m = max(1, min(m, n, maxiter))
     dev, dt = b.device, b.dtype
+    eps100 = 100 * torch.finfo(dt).eps
     bnorm = b.norm(dim=1)
     denom = torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     iters = torch.full((B,), -1, dtype=torch.int64, device=dev)
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
     n_mv = 0
     total = 0
-    tiny = torch.finfo(dt).tiny
     fresh = False
+    rel = bnorm / denom
     while total < maxiter:
-        r = b - matvec(x) if (x0 is not None or total > 0) else b.clone()
         if x0 is not None or total > 0:
+            r = b - matvec(x)
             n_mv += 1
+        else:
+            r = b
         beta = r.norm(dim=1)
         rel = beta / denom
         fresh = True
@@ -174,61 +178,56 @@ def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
         # Q: product of the Givens rotations so far, so each new Hessenberg column is rotated
         # with one small bmm instead of j sequential rotations
         Q = torch.eye(m + 1, dtype=dt, device=dev).repeat(B, 1, 1)
-        safe_beta = torch.where(beta > tiny, beta, torch.ones_like(beta))
-        V[:, 0] = torch.where((beta > tiny)[:, None], r / safe_beta[:, None], torch.zeros_like(r))
-        j_used = 0
+        est_hist = torch.zeros(B, m, dtype=dt, device=dev)
+        beta_rel = rel  # ‖r‖/‖b‖: the estimate is |beta_rel · Q[j+1, 0]|
+        V[:, 0] = r * torch.where(beta > 0, beta.reciprocal(), torch.zeros_like(beta))[:, None]
+        k = 0
         for j in range(m):
             if total >= maxiter:
                 break
             w = matvec(V[:, j])
-            w0 = w.norm(dim=1)
             n_mv += 1
             total += 1
-            j_used = j + 1
-            # classical Gram-Schmidt applied twice (CGS2): A = I − Φᵀ maps v to nearly v, so
-            # one pass cancels heavily; measured, the second pass saves Krylov iterations
-            # (each a VJP) on non-normal Φ and costs two small bmm's
-            Vj = V[:, : j + 1]
-            h = torch.bmm(Vj, w.unsqueeze(2)).squeeze(2)
-            w = w - torch.bmm(h.unsqueeze(1), Vj).squeeze(1)
-            h2 = torch.bmm(Vj, w.unsqueeze(2)).squeeze(2)
-            w = w - torch.bmm(h2.unsqueeze(1), Vj).squeeze(1)
-            h = h + h2
+            k = j + 1
+            w0 = w.norm(dim=1)
+            # CGS2: A = I − Φᵀ maps v to nearly v, so one pass cancels heavily; the second
+            # pass saves Krylov iterations (each a VJP) on non-normal Φ
+            Vj = V[:, :k]
+            h = torch.bmm(Vj, w.unsqueeze(2))
+            w = w - torch.bmm(h.transpose(1, 2), Vj).squeeze(1)
+            h2 = torch.bmm(Vj, w.unsqueeze(2))
+            w = w - torch.bmm(h2.transpose(1, 2), Vj).squeeze(1)
             hn = w.norm(dim=1)
-            # happy breakdown (an invariant subspace): do not normalise round-off into a
-            # non-orthogonal basis vector; the instance's residual estimate is then exact
-            safe = (hn > tiny * 1e3) & (hn > 100 * torch.finfo(dt).eps * w0)
-            hn = torch.where(safe, hn, torch.zeros_like(hn))
-            V[:, j + 1] = torch.where(safe[:, None],
-                                   w / torch.where(safe, hn, torch.ones_like(hn))[:, None],
-                                   torch.zeros_like(w))
-            col = torch.cat([h, hn[:, None]], dim=1)  # Hessenberg column j, length j+2
-            col = torch.bmm(Q[:, : j + 2, : j + 2], col.unsqueeze(2)).squeeze(2)
-            a, c = col[:, j], col[:, j + 1]
-            rr = torch.sqrt(a * a + c * c)
-            ok = rr > tiny
-            rr_safe = torch.where(ok, rr, torch.ones_like(rr))
-            cj = torch.where(ok, a / rr_safe, torch.ones_like(rr))[:, None]
-            sj = torch.where(ok, c / rr_safe, torch.zeros_like(rr))[:, None]
-            qj, qj1 = Q[:, j, : j + 2].clone(), Q[:, j + 1, : j + 2].clone()
-            Q[:, j, : j + 2] = cj * qj + sj * qj1
-            Q[:, j + 1, : j + 2] = -sj * qj + cj * qj1
-            R[:, :j, j] = col[:, :j]
-            R[:, j, j] = rr
-            est = (beta * Q[:, j + 1, 0]).abs() / denom
-            newly = (est <= tol) & ~done
-            iters = torch.where(newly, torch.full_like(iters, int(total)), iters)
-            done = done | newly
-            if bool(done.all()):
+            # happy breakdown (an invariant subspace): a new direction that is round-off only
+            # is dropped, never normalised into a non-orthogonal basis vector
+            keep = hn > eps100 * w0
+            inv = torch.where(keep, hn.reciprocal(), torch.zeros_like(hn))
+            V[:, k] = w * inv.unsqueeze(1)
+            col = torch.cat([(h + h2).squeeze(2), (hn * keep).unsqueeze(1)], dim=1)
+            col = torch.bmm(Q[:, : k + 1, : k + 1], col.unsqueeze(2)).squeeze(2)
+            a, c = col[:, j], col[:, k]
+            rr = torch.hypot(a, c)
+            zero = rr == 0  # an instance already broken down: identity rotation
+            rr1 = rr + zero
+            G = torch.stack([a + zero, c, -c, a + zero], dim=1).view(B, 2, 2) / rr1.view(B, 1, 1)
+            Q[:, j: k + 1, : k + 1] = torch.bmm(G, Q[:, j: k + 1, : k + 1])
+            col[:, j] = rr
+            R[:, :k, j] = col[:, :k]
+            est = (beta_rel * Q[:, k, 0]).abs()
+            est_hist[:, j] = est
+            if bool(((est <= tol) | done).all()):
                 break
-        k = j_used
+        # first iteration of this cycle at which each instance's estimate met tol
+        met = est_hist[:, :k] <= tol
+        first = torch.where(met.any(dim=1), met.float().argmax(dim=1) + 1,
+                            torch.full_like(iters, k))
+        iters = torch.where(~done & (iters < 0) & met.any(dim=1), total - k + first, iters)
         Rk = R[:, :k, :k]
         diag = torch.diagonal(Rk, dim1=1, dim2=2)
-        bad = diag.abs() <= tiny
-        Rk = Rk + torch.diag_embed(torch.where(bad, torch.ones_like(diag), torch.zeros_like(diag)))
-        gk = beta[:, None] * Q[:, :k, 0]
-        y = torch.linalg.solve_triangular(Rk, gk[:, :, None], upper=True)[..., 0]
-        x = x + torch.bmm(y.unsqueeze(1), V[:, :k]).squeeze(1)
+        Rk = Rk + torch.diag_embed((diag == 0).to(dt))  # broken-down columns: y = 0 there
+        gk = beta.unsqueeze(1) * Q[:, :k, 0]
+        y = torch.linalg.solve_triangular(Rk, gk.unsqueeze(2), upper=True)
+        x = x + torch.bmm(y.transpose(1, 2), V[:, :k]).squeeze(1)
         fresh = False  # x changed: the next pass (or the end) recomputes the true residual
     if fresh:
         res = rel

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
@@ -19,15 +17,6 @@ from fold_plugins.verify import assert_gradients_close, compare_gradients  # noq
 
 F64 = torch.float64
 REFS = [("cvxpylayers", cvxpylayers_reference), ("diffcp", diffcp_reference)]
-
-
-@pytest.fixture(autouse=True)
-def _quiet_numpy2_notice():
-    # cvxpylayers' diffcp glue calls np.array(torch_tensor) in backward (numpy 2 notice)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"__array__ implementation",
-                                category=DeprecationWarning)
-        yield
 
 
 def _gen(seed):

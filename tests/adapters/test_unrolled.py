@@ -21,15 +21,6 @@ DT = torch.float64
 N = 30
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small ops: torch's OpenMP threads only slow them down on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------- the box QP
 #   min ½ xᵀPx + qᵀx  s.t. 0 ≤ x ≤ 1,   P = MᵀM/(2n) + 0.1·I,  M (2n × n)
 #   projected-gradient step U(x) = clamp(x − (Px + q)/L, 0, 1),  L = λ_max(P)
@@ -229,37 +220,25 @@ def test_folded_gradient_independent_of_alpha_while_rate_worsens(backward):
             assert 0.8 <= it / predicted <= 1.2, (it, predicted)
 
 
-def _graph_nodes(t: torch.Tensor) -> int:
-    """Autograd nodes reachable from ``t.grad_fn`` through ``next_functions``."""
-    seen, stack = set(), [t.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        stack.extend(nxt for nxt, _ in node.next_functions)
-    return len(seen)
-
-
-def test_backward_graph_does_not_grow_with_maxiter():
+def test_backward_graph_does_not_grow_with_maxiter(graph_nodes):
     P, q, _L, xs, _F, *_ = qp_problem()
     qb = q[None].clone().requires_grad_(True)
     x0 = torch.full((1, N), 0.5, dtype=DT)
     # one differentiable step at x* (x* a leaf requiring grad, as inside fold): 7 nodes
-    one_step = _graph_nodes(pg_step(xs[None].clone().requires_grad_(True), qb, P))
+    one_step = graph_nodes(pg_step(xs[None].clone().requires_grad_(True), qb, P))
     counts, iters = [], []
     for maxiter in (5, 50, 500):
         loop = FoldedLoop(pg_step, maxiter=maxiter, forward_tol=0.0, x0=x0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", fp.FoldConvergenceWarning)
             x = loop(qb, P)
-        counts.append(_graph_nodes(x))
+        counts.append(graph_nodes(x))
         iters.append(int(loop.last_info.forward_iterations))
     assert iters[0] == 5 and iters[1] == 50 and iters[2] > 50
     # one step's graph plus the folded node, whatever the number of forward iterations
     assert counts == [one_step + 1] * 3
     # whereas unrolling keeps every step: exactly one step's nodes per iteration
-    un = [_graph_nodes(unroll(pg_step, x0, qb, P, n_iter=k)) for k in (5, 50)]
+    un = [graph_nodes(unroll(pg_step, x0, qb, P, n_iter=k)) for k in (5, 50)]
     per_step = (un[1] - un[0]) / 45
     assert per_step == one_step - 2  # less the two leaves' AccumulateGrad (x*, q)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 
 #: case name -> {"cvxpylayers": worst rel. error, "diffcp": ..., "finite_differences": ...}
@@ -18,15 +16,6 @@ def record():
         MEASURED.setdefault(case, {})[reference] = report.worst
 
     return _record
-
-
-@pytest.fixture(autouse=True)
-def _quiet_numpy2_notice():
-    # cvxpylayers' diffcp glue calls np.array(torch_tensor) in backward (numpy 2 notice)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"__array__ implementation",
-                                category=DeprecationWarning)
-        yield
 
 
 def pytest_terminal_summary(terminalreporter):

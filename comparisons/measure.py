@@ -17,7 +17,9 @@ Memory (two extra, untimed calls per measurement; :func:`measure_memory`):
   ``/proc/self/clear_refs``) minus its resident set at entry: everything, including C/C++
   allocations of SCS/diffcp, but coarse (allocator caches make it a lower bound).
 
-``tracked = torch_peak + host_peak`` is what the plots show.
+``tracked = torch_peak + host_peak``; the plots show ``peak = max(tracked, rss_peak_delta)``
+(:attr:`MemoryStats.peak`): tracked misses C/C++ allocations (SCS, diffcp), RSS Δ misses memory
+the allocator reuses, so the larger of the two is the better lower bound of each method's peak.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ MEMORY_METHOD = (
     "(`saved_tensors_hooks`). *RSS Δ*: peak resident set (`VmHWM`, reset via "
     "`/proc/self/clear_refs`) minus the resident set at entry — includes C/C++ allocations "
     "(SCS, diffcp) but is coarse: memory the allocator already holds is reused unseen. "
-    "Plots show *tracked* = torch peak + host peak.")
+    "*tracked* = torch peak + host peak misses C/C++ allocations, RSS Δ misses reused memory: "
+    "plots show *peak* = max(tracked, RSS Δ) per method and point.")
 
 TIMING_METHOD = (
     "Every time is the median over the stated number of repeats after warm-up call(s), "
@@ -154,6 +157,12 @@ class MemoryStats:
         if self.torch_peak is None and self.host_peak is None:
             return None
         return (self.torch_peak or 0) + (self.host_peak or 0)
+
+    @property
+    def peak(self) -> int | None:
+        """``max(tracked, rss_peak_delta)``: what the plots show (module docstring)."""
+        vals = [v for v in (self.tracked, self.rss_peak_delta) if v is not None]
+        return max(vals) if vals else None
 
 
 def _read_status(key: str) -> int | None:

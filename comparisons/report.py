@@ -85,14 +85,19 @@ def fmt_bytes(n: int | float | None) -> str:
 
 
 def fmt_ratio(r: float | None) -> str:
-    """A ratio like ``12×`` or ``0.43×``."""
+    """A ratio with 3 significant figures (2 below 1): ``123×``, ``12.3×``, ``1.23×``,
+    ``0.43×``, ``0.0042×``; never rounded to ``0.00×``."""
     if r is None or (isinstance(r, float) and (math.isnan(r) or math.isinf(r))):
         return "—"
     if r >= 100:
         return f"{r:.0f}×"
     if r >= 10:
         return f"{r:.1f}×"
-    return f"{r:.2f}×"
+    if r >= 1:
+        return f"{r:.2f}×"
+    if r == 0:
+        return "0×"
+    return f"{r:#.2g}×"
 
 
 def fmt_err(e: float | None) -> str:
@@ -157,10 +162,17 @@ def write_report(cfg: Config, env: dict[str, str], results: Sequence[SuiteResult
     rows = [(k, v) for k, v in env.items()]
     rows += [(k, v) for k, v in cfg.settings().items()]
     lines.append(table(["", "value"], rows))
+    threads = cfg.extra.get("native thread pools (threadpoolctl, read back after the run)")
     lines.append(f"`torch.set_num_threads({cfg.threads})` was called before any measurement "
-                 "(on a shared 2-core machine torch's OpenMP threads collapse under load), so "
-                 "every torch-based method runs single-threaded; cvxpylayers/diffcp are also "
-                 "given one job (`n_jobs_forward = n_jobs_backward = 1`).")
+                 "(on a shared 2-core machine torch's OpenMP threads collapse under load), and "
+                 "the whole run was wrapped in `threadpoolctl.threadpool_limits(1)` (BLAS and "
+                 "OpenMP pools of numpy/scipy/SCS/torch, with `OMP_NUM_THREADS`, "
+                 "`OPENBLAS_NUM_THREADS` and `MKL_NUM_THREADS` set to 1 for libraries loaded "
+                 "later); cvxpylayers/diffcp are also given one job (`n_jobs_forward = "
+                 "n_jobs_backward = 1`). "
+                 + (f"Thread pools read back with `threadpoolctl.threadpool_info()` after the "
+                    f"last suite: {threads}." if threads else
+                    "The thread pools were not read back (threadpoolctl unavailable)."))
     lines.append("")
     lines.append(f"**Timing.** {TIMING_METHOD}")
     lines.append("")

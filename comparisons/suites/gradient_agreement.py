@@ -44,6 +44,14 @@ def _reference(name: str, case):
     return case.wrap_reference(ref)
 
 
+def _backward_converged(case) -> bool | None:
+    """Whether the case's last folded backward converged on every instance (None: unknown)."""
+    info = case.last_info
+    if info is None or info.backward_converged is None:
+        return None
+    return bool(info.backward_converged.all())
+
+
 def _backward_summary(case) -> str:
     """One folded forward + backward of the case: which backward solver, how many iterations."""
     import torch
@@ -59,6 +67,13 @@ def _backward_summary(case) -> str:
     return f"{info.backward_solver} ({int(info.backward_iterations.max())} it)"
 
 
+def _note_convergence(entry: dict, case) -> None:
+    """AND the case's last folded backward convergence into ``entry['backward_converged']``."""
+    conv = _backward_converged(case)
+    if conv is not None:
+        entry["backward_converged"] = entry.get("backward_converged", True) and conv
+
+
 #: references less accurate than the folded gradient itself are judged at the issue's bound
 LOOSE_TOL = 1e-5
 _LOOSE = ("cvxpylayers (Clarabel)", "finite differences")
@@ -69,29 +84,37 @@ def _judge_tol(case, ref_name: str) -> float:
     return max(case.rtol, LOOSE_TOL) if ref_name in _LOOSE else case.rtol
 
 
-def run(cfg: Config) -> SuiteResult:
-    """One row per case: worst relative VJP error of folded against each reference."""
+def run(cfg: Config, cases: list[str] | None = None) -> SuiteResult:
+    """One row per case: worst relative VJP error of folded against each reference.
+
+    Args:
+        cases: case names to run (default: every case; three small ones with ``--tiny``).
+    """
     from fold_plugins.verify import compare_gradients
 
     from ..cases import CASES
 
     n_dir = cfg.pick(tiny=1, quick=2, full=4)
     n_dir_fd = cfg.pick(tiny=1, quick=1, full=2)
-    names = list(CASES) if cfg.mode != "tiny" else ["box_qp", "sparsemax", "entropy_lp"]
+    if cases is not None:
+        names = list(cases)
+    else:
+        names = list(CASES) if cfg.mode != "tiny" else ["box_qp", "sparsemax", "entropy_lp"]
     res = SuiteResult("gradient_agreement", TITLE)
     rows, data = [], {}
     work = [(c, r) for c in names for r in REFERENCES]
-    cases: dict = {}
+    built: dict = {}
     for cname, ref_name in bar(work, cfg, "gradient agreement"):
-        if cname not in cases:
+        if cname not in built:
             try:
-                cases[cname] = CASES[cname]()
-                data.setdefault(cname, {})["backward"] = _backward_summary(cases[cname])
+                built[cname] = CASES[cname]()
+                data.setdefault(cname, {})["backward"] = _backward_summary(built[cname])
+                _note_convergence(data[cname], built[cname])
             except Exception as e:  # noqa: BLE001
-                cases[cname] = None
+                built[cname] = None
                 res.errors.append(f"case {cname} could not be built or run: "
                                   f"{type(e).__name__}: {e}")
-        case = cases[cname]
+        case = built[cname]
         entry = data.setdefault(cname, {})
         if case is None:
             continue
@@ -109,6 +132,7 @@ def run(cfg: Config) -> SuiteResult:
                 rep = compare_gradients(case.folded, _reference(ref_name, case), case.params,
                                         n_directions=n_dir, names=case.param_names,
                                         seed=cfg.seed)
+            _note_convergence(entry, case)
             wi = rep.worst_input
             entry[ref_name] = {"worst": rep.worst, "worst_input": wi.name if wi else None,
                                "min_cosine": rep.min_cosine, "value_error": rep.value_error,
@@ -117,7 +141,7 @@ def run(cfg: Config) -> SuiteResult:
             entry[ref_name] = {"failed": f"{type(e).__name__}: {e}"}
             res.errors.append(f"{cname} vs {ref_name}: {type(e).__name__}: {e}")
     for cname in names:
-        case = cases.get(cname)
+        case = built.get(cname)
         entry = data.get(cname, {})
         if case is None:
             rows.append((cname, "could not be built", "", "", "") + ("",) * len(REFERENCES))
@@ -136,16 +160,25 @@ def run(cfg: Config) -> SuiteResult:
                 cells.append("—")
         shapes = ", ".join(f"{n} {tuple(p.shape)}" for n, p in zip(case.param_names,
                                                                      case.params))
-        rows.append((case.title, case.forward, f"{case.step} → {entry.get('backward', '?')}",
+        flag = " ✗" if entry.get("backward_converged") is False else ""
+        rows.append((case.title, case.forward,
+                     f"{case.step} → {entry.get('backward', '?')}{flag}",
                      shapes, f"{case.rtol:.0e}", *cells))
     res.data = {"cases": data, "n_directions": n_dir, "n_directions_fd": n_dir_fd}
+    clarabel_vals = [d["cvxpylayers (Clarabel)"]["value_error"] for d in data.values()
+                     if d.get("cvxpylayers (Clarabel)", {}).get("value_error") is not None]
+    clarabel_note = (f"its solutions differ from the folded ones by up to "
+                     f"{max(clarabel_vals):.1e} in this run" if clarabel_vals else
+                     "a conic interior-point forward")
     md = [__doc__.split("\n\n", 1)[1].strip(), "",
           f"{n_dir} random cotangent(s) per cvx reference, {n_dir_fd} for finite differences; "
-          "✗ marks an error above the tolerance the test suite holds that reference to: the "
-          "case's own cross-check tolerance (column *tol*) for cvxpylayers (SCS) and diffcp, "
-          f"and max(tol, {LOOSE_TOL:.0e}) — the issue's cross-check bound — for Clarabel "
-          "(its conic forward stops near 1e-7) and for finite differences (truncation and "
-          "round-off). Compare the columns to see which side is off.", "",
+          "✗ in a reference column marks an error above the tolerance the test suite holds "
+          "that reference to: the case's own cross-check tolerance (column *tol*) for "
+          f"cvxpylayers (SCS) and diffcp, and max(tol, {LOOSE_TOL:.0e}) — the issue's "
+          f"cross-check bound — for Clarabel ({clarabel_note}) and for finite differences "
+          "(truncation and round-off). Compare the columns to see which side is off. ✗ after "
+          "the backward marks a folded backward solve that did not reach its tolerance on "
+          "every instance (`FoldInfo.backward_converged`).", "",
           table(["case", "forward", "folded step → backward", "parameters (shape)", "tol",
                  *REFERENCES], rows)]
     vals = [(e.get("value_error"), c, r) for c, d in data.items() for r, e in d.items()

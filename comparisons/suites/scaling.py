@@ -12,7 +12,10 @@ Methods (each measured on the same instances in the same run):
 * **unrolled K=100 / K=500** — ``K`` projected-gradient steps from 0 with the autograd graph
   (``adapters.unrolled.unroll``), backward through all of them.
 * **cvxpylayers** — ``CvxpyLayer`` (diffcp backend, SCS with its default tolerances, one job),
-  the QP written as ``½‖Lᵀx‖² + qᵀx`` with ``P = LLᵀ``; in ``--full`` also with Clarabel.
+  the QP written as ``½‖Lᵀx‖² + qᵀx`` with ``P = LLᵀ``; in ``--full`` also with SCS at
+  ``eps_abs = eps_rel = 1e-9`` (tolerances comparable to the folded forward's) and with
+  Clarabel. SCS's defaults are far looser than the folded methods' 1e-10: compare each time
+  ratio with the same method's gradient error.
 
 Baseline of every ratio: **folded gmres** on the same (n, B).
 """
@@ -50,11 +53,13 @@ class Point:
     iterations: int | None = None
     skipped: str = ""
     failed: str = ""
+    backward_converged: bool | None = None  # folded: FoldInfo.backward_converged all true
 
 
 @dataclass
 class Method:
-    """A way of differentiating the QP: ``prepare(qp)`` → ``call(q, g, sw) -> (grad, iters)``."""
+    """A way of differentiating the QP: ``prepare(qp)`` → ``call(q, g, sw) -> (grad, iters,
+    backward converged or None)``."""
 
     name: str
     prepare: Callable[[QP, Config], Callable]
@@ -70,7 +75,9 @@ def _folded(solver: str) -> Callable:
             sw.lap("forward")
             (x * g).sum().backward()
             sw.lap("backward")
-            return q.grad, int(info.backward_iterations.max())
+            conv = info.backward_converged
+            return (q.grad, int(info.backward_iterations.max()),
+                    None if conv is None else bool(conv.all()))
         return call
     return prepare
 
@@ -83,12 +90,16 @@ def _unrolled(K: int) -> Callable:
             sw.lap("forward")
             (x * g).sum().backward()
             sw.lap("backward")
-            return q.grad, K
+            return q.grad, K, None
         return call
     return prepare
 
 
-def _cvxpylayers(solve_method: str) -> Callable:
+#: SCS settings of the tight cvxpylayers column (``--full``)
+SCS_TIGHT = {"eps_abs": 1e-9, "eps_rel": 1e-9}
+
+
+def _cvxpylayers(solve_method: str, solver_args: dict | None = None) -> Callable:
     def prepare(qp: QP, cfg: Config) -> Callable:
         import cvxpy as cp
         from cvxpylayers.torch import CvxpyLayer
@@ -102,7 +113,8 @@ def _cvxpylayers(solve_method: str) -> Callable:
                           [x >= 0, x <= 1])
         del P
         layer = CvxpyLayer(prob, parameters=[qpar], variables=[x])
-        args = {"n_jobs_forward": 1, "n_jobs_backward": 1, "solve_method": solve_method}
+        args = {"n_jobs_forward": 1, "n_jobs_backward": 1, "solve_method": solve_method,
+                **(solver_args or {})}
 
         def call(q: torch.Tensor, g: torch.Tensor, sw: Stopwatch):
             sw.start()
@@ -113,7 +125,7 @@ def _cvxpylayers(solve_method: str) -> Callable:
             sw.lap("forward")
             (xl * g).sum().backward()
             sw.lap("backward")
-            return q.grad, None
+            return q.grad, None, None
         return call
     return prepare
 
@@ -124,6 +136,7 @@ def _methods(cfg: Config) -> list[Method]:
           Method("unrolled K=100", _unrolled(100)), Method("unrolled K=500", _unrolled(500)),
           Method("cvxpylayers (SCS)", _cvxpylayers("SCS"))]
     if cfg.mode == "full":
+        ms.append(Method("cvxpylayers (SCS, eps 1e-9)", _cvxpylayers("SCS", SCS_TIGHT)))
         ms.append(Method("cvxpylayers (Clarabel)", _cvxpylayers("Clarabel")))
     return ms
 
@@ -147,10 +160,11 @@ def _measure(method: Method, call: Callable, qp: QP, g: torch.Tensor, truth: tor
 
     sw = Stopwatch(cfg.device)
     t0 = time.perf_counter()
-    grad, iters = once(sw)  # untimed check call, also the warm-up
+    grad, iters, converged = once(sw)  # untimed check call, also the warm-up
     first = time.perf_counter() - t0
     pt.error = max_rel_err(grad, truth)
     pt.iterations = iters
+    pt.backward_converged = converged
     repeats = cfg.repeats if first <= budget else 1
     pt.timing = time_phases(lambda s: once(s), cfg.device, repeats=repeats,
                             warmup=max(0, cfg.warmup - 1))
@@ -197,9 +211,17 @@ def run(cfg: Config) -> SuiteResult:
             errors.append(msg)
     res = SuiteResult("scaling", TITLE, errors=errors)
     res.data = _data(results, methods)
-    res.figures.append(_plot(results, methods, size_sweep, batch_sweep, cfg))
-    res.markdown = _markdown(results, methods, points)
-    res.headline = _headline(results, methods, points)
+    # each part guarded: a failure is recorded and the measured numbers are still written
+    parts = (("markdown", lambda: setattr(res, "markdown", _markdown(results, methods, points))),
+             ("plot", lambda: res.figures.append(_plot(results, methods, size_sweep,
+                                                       batch_sweep, cfg))),
+             ("headline", lambda: setattr(res, "headline", _headline(results, methods,
+                                                                     points))))
+    for what, make in parts:
+        try:
+            make()
+        except Exception as e:  # noqa: BLE001 - the measurements are kept in res.data
+            res.errors.append(f"scaling {what} could not be written: {type(e).__name__}: {e}")
     return res
 
 
@@ -217,6 +239,8 @@ def _data(results: dict, methods: list[Method]) -> dict:
                 "host_peak": p.memory.host_peak if p.memory else None,
                 "saved": p.memory.saved if p.memory else None,
                 "rss_peak_delta": p.memory.rss_peak_delta if p.memory else None,
+                "plotted_peak": p.memory.peak if p.memory else None,
+                "backward_converged": p.backward_converged,
                 "skipped": p.skipped, "failed": p.failed}
     return out
 
@@ -226,6 +250,11 @@ def _ratio(row: dict[str, Point], name: str, phase: str) -> float | None:
     if not (base and p and base.timing and p.timing):
         return None
     return p.timing.median(phase) / base.timing.median(phase)
+
+
+def _flag(p: Point | None) -> str:
+    """`` ✗`` when a folded backward solve did not converge on every instance."""
+    return " ✗" if p is not None and p.backward_converged is False else ""
 
 
 def _cell_missing(p: Point | None) -> str | None:
@@ -247,10 +276,11 @@ def _markdown(results: dict, methods: list[Method], points: list[tuple[int, int]
         for n, b in points:
             row = results[(n, b)]
             base = row.get(BASELINE)
-            cells = [n, b, fmt_ms(base.timing.median(phase)) if base and base.timing else "—"]
+            cells = [n, b, (fmt_ms(base.timing.median(phase)) + _flag(base))
+                     if base and base.timing else "—"]
             for name in others:
                 miss = _cell_missing(row.get(name))
-                cells.append(miss or fmt_ratio(_ratio(row, name, phase)))
+                cells.append(miss or fmt_ratio(_ratio(row, name, phase)) + _flag(row.get(name)))
             rows.append(cells)
         md += [f"**{label}**: {BASELINE} in ms, every other method as a ratio to it "
                "(> 1 = slower than folded gmres).", "",
@@ -267,7 +297,7 @@ def _markdown(results: dict, methods: list[Method], points: list[tuple[int, int]
             else:
                 it = f" ({p.iterations} it)" if p.iterations is not None and \
                     name.startswith("folded") and name != "folded dense" else ""
-                cells.append(fmt_err(p.error) + it)
+                cells.append(fmt_err(p.error) + it + _flag(p))
         rows.append(cells)
     md += ["**Gradient error** (worst instance, relative, vs the closed-form gradient; "
            "backward iterations in parentheses):", "", table(["n", "B"] + names, rows)]
@@ -282,12 +312,19 @@ def _markdown(results: dict, methods: list[Method], points: list[tuple[int, int]
                          f" / {fmt_bytes(p.memory.rss_peak_delta)}")
         rows.append(cells)
     md += ["**Peak memory** of one forward + backward: tracked (torch + tracemalloc) / saved "
-           "for backward / RSS Δ (see Memory in the header):", "",
+           "for backward / RSS Δ (see Memory in the header). The plot shows max(tracked, "
+           "RSS Δ) per method and point: tracked misses the C/C++ allocations of SCS and "
+           "diffcp, RSS Δ misses memory the allocator reuses.", "",
            table(["n", "B"] + names, rows)]
     notes = [f"- {name} at n={n}, B={b}: {p.timing.note}" for (n, b), row in results.items()
              for name, p in row.items() if p.timing and p.timing.note]
     reps = {p.timing.repeats for row in results.values() for p in row.values() if p.timing}
     md.append(f"Timed repeats per cell: {sorted(reps)} (median reported).")
+    unconverged = [f"{name} at n={n}, B={b}" for (n, b), row in results.items()
+                   for name, p in row.items() if p.backward_converged is False]
+    md += ["", "✗ marks a folded method whose backward solve did not reach its tolerance on "
+           "every instance (`FoldInfo.backward_converged`): "
+           + (", ".join(unconverged) if unconverged else "none in this run") + "."]
     if notes:
         md += ["", "Notes:"] + notes
     return "\n".join(md)
@@ -309,7 +346,8 @@ def _plot(results: dict, methods: list[Method], size_sweep: list, batch_sweep: l
                     continue
                 xs.append((n, b)[xi])
                 ts.append(p.timing.median("backward") * 1e3)
-                mem.append((p.memory.tracked or 0) / 1e6 if p.memory else math.nan)
+                peak = p.memory.peak if p.memory else None
+                mem.append(peak / 1e6 if peak else math.nan)
             style = dict(marker="o", ms=4, color=f"C{i}",
                          ls="-" if m.name.startswith("folded") else "--")
             if xs:
@@ -318,14 +356,16 @@ def _plot(results: dict, methods: list[Method], size_sweep: list, batch_sweep: l
         axes[0, col].set_title(f"backward time vs {xlabel} ({fixed})")
         axes[0, col].set_ylabel("backward time, ms (median)")
         axes[1, col].set_title(f"peak memory vs {xlabel} ({fixed})")
-        axes[1, col].set_ylabel("tracked peak memory, MB")
+        axes[1, col].set_ylabel("peak memory, MB: max(tracked, RSS Δ)")
         for r in range(2):
             axes[r, col].set_xlabel(xlabel)
             axes[r, col].grid(True, which="both", alpha=0.3)
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
-    return save_figure(fig, cfg, "scaling", "Box QP: backward time and peak memory (torch + "
-                       "tracemalloc) against n and batch; folded solid, references dashed.")
+    return save_figure(fig, cfg, "scaling", "Box QP: backward time and peak memory against n "
+                       "and batch; memory is max(tracked = torch + tracemalloc, RSS Δ) per "
+                       "method and point (tracked misses SCS/diffcp's C/C++ allocations); "
+                       "folded solid, references dashed.")
 
 
 def _headline(results: dict, methods: list[Method], points: list[tuple[int, int]]) -> list[str]:
@@ -336,12 +376,13 @@ def _headline(results: dict, methods: list[Method], points: list[tuple[int, int]
         if not (base and base.timing):
             continue
         parts = []
-        for name in ("cvxpylayers (SCS)", "unrolled K=500"):
+        for name in ("cvxpylayers (SCS)", "cvxpylayers (SCS, eps 1e-9)", "unrolled K=500"):
             r = _ratio(row, name, "total")
             if r is not None:
-                parts.append(f"{name} {fmt_ratio(r)}")
+                parts.append(f"{name} {fmt_ratio(r)} at gradient error "
+                             f"{fmt_err(row[name].error)}{_flag(row[name])}")
         if parts:
-            return [f"n={n}, B={b}: forward+backward time relative to folded gmres: "
-                    + ", ".join(parts) + f"; folded gmres gradient error "
-                    f"{fmt_err(base.error)}"]
+            return [f"n={n}, B={b}: forward+backward time ÷ folded gmres: "
+                    + ", ".join(parts) + f"; vs folded gmres at gradient error "
+                    f"{fmt_err(base.error)}{_flag(base)}"]
     return []

@@ -18,7 +18,8 @@ Problems (float64, Gauss-Newton forward run to machine precision, per-instance d
 The loss is a fixed random linear function of the solution; the gradient is taken with respect
 to the data (``y``, the targets ``q``, or the measurements' tangent coordinates ``μ``). Truth
 for the small problems: central finite differences of the same Gauss-Newton solve (step 1e-6,
-all perturbations solved as one batch). Truth for the pose graph (where dense differences would
+all perturbations solved as one batch; repeated at step 1e-5, and the difference of the two is
+reported as the truth's accuracy). Truth for the pose graph (where dense differences would
 need 2·90·16 solves of a 90-dimensional problem): the implicit-function-theorem gradient
 ``dL/dμ = −(∂²f/∂ξ∂μ)ᵀ H⁻¹ ∂L/∂ξ`` of ``f = ½‖r‖²`` in the poses' tangent coordinates ``ξ``,
 with the full Hessian ``H`` and the mixed derivative formed column by column by autograd
@@ -50,6 +51,9 @@ from ..report import SuiteResult, fmt_err, fmt_ms, fmt_ratio, save_figure, table
 TITLE = "4. Theseus: backward modes vs the folded layer"
 BASELINE = "theseus implicit"
 FD_STEP = 1e-6
+#: second finite-difference step: the two FD gradients' difference estimates the truth's error
+#: (truncation grows as h², roundoff as 1/h: the difference bounds the worse of the two)
+FD_STEP_CHECK = 1e-5
 EXP_N = 20
 REG_N = 8
 # Theseus stops on the decrease of the objective, which near a non-zero-residual optimum is
@@ -68,6 +72,12 @@ POSE_NAME = "noisy SE2 pose graph (loop)"
 # instance and step (a unit direction; 1e-3 balances the solve's ~1e-10 roundoff and h²)
 PG_FD_DIRECTIONS = 4
 PG_FD_STEP = 1e-3
+#: the IFT truth fails its check (an error of the suite) above this directional FD error
+PG_FD_GATE = 1e-5
+#: print the SE2 log-map explanation only when Theseus's Jacobians differ from autograd's by
+#: more than this, at a residual angle within SE2_SWITCH_WINDOW (just above its series switch)
+JACOBIAN_EXPLAIN = 1e-10
+SE2_SWITCH_WINDOW = (1e-3, 1e-1)
 # the issue-4 speed target: backward ≤ 2× Theseus implicit and < unroll (≤ 100 dims, B = 16)
 TARGET_VS_IMPLICIT = 2.0
 FOLDED = ("folded (GN step, gmres)", "folded (newton step)", "folded (newton step, fixed_point)")
@@ -261,14 +271,15 @@ def _solve_loss(prob: Problem, layer, data: torch.Tensor) -> torch.Tensor:
     return prob.loss(values)
 
 
-def _fd_grad(prob: Problem) -> torch.Tensor:
-    """Central differences of the per-instance loss w.r.t. every data entry (one batched solve)."""
+def _fd_grad(prob: Problem, step: float = FD_STEP) -> torch.Tensor:
+    """Central differences (step ``step·(1+|data|)``) of the per-instance loss w.r.t. every
+    data entry (one batched solve)."""
     th = _theseus()
     y = prob.wrt
     layer = th.TheseusLayer(prob.make(**FD_OPT)).to(y.device)
     B, m = y.shape
     eye = torch.eye(m, dtype=y.dtype, device=y.device)
-    h = FD_STEP * (1 + y.abs())  # (B, m)
+    h = step * (1 + y.abs())  # (B, m)
     plus = y[:, None, :] + h[:, :, None] * eye[None]  # (B, m, m): row j perturbs entry j
     minus = y[:, None, :] - h[:, :, None] * eye[None]
     data = torch.cat([plus.reshape(B * m, m), minus.reshape(B * m, m)])
@@ -373,17 +384,21 @@ def _pose_graph_truth(prob: Problem, polish: int = 1) -> tuple[torch.Tensor, dic
     r = _pose_graph_residuals(_se2_compose(x, _se2_exp(xi.reshape(B, N, 3))), mu)
     J = torch.stack([torch.autograd.grad(r[:, i].sum(), xi, retain_graph=True)[0]
                      for i in range(r.shape[1])], dim=1)  # (B, 3(N+1), n)
-    jac_diff, row = 0.0, 0
+    jac_diff, jac_angle, row = 0.0, math.nan, 0
     for cf, (jacs, err) in zip(cfs, theirs):
         for j, Jc in enumerate(jacs):
             k = int(cf.optim_var_at(j).name[1:])
             mine = J[:, row:row + err.shape[1], 3 * k:3 * k + 3]
-            jac_diff = max(jac_diff, float((mine - Jc).abs().max()))
+            per_instance = (mine - Jc).abs().flatten(1).max(1).values  # (B,)
+            b = int(per_instance.argmax())
+            if float(per_instance[b]) > jac_diff:
+                # the residual angle of that cost function and instance
+                jac_diff, jac_angle = float(per_instance[b]), float(err[b, 2].abs())
         row += err.shape[1]
     stats: dict = {"iterations_to_floor": int(settled.to(torch.int64).argmax()),
                    "residual_vs_theseus": float(
         (r.detach() - torch.cat([e for _, e in theirs], dim=1)).abs().max()),
-        "jacobian_vs_theseus": jac_diff}
+        "jacobian_vs_theseus": jac_diff, "jacobian_vs_theseus_angle": jac_angle}
 
     def derivatives(x: torch.Tensor, with_mu: bool):
         xi = mu.new_zeros(B, n, requires_grad=True)
@@ -481,11 +496,18 @@ def run(cfg: Config) -> SuiteResult:
         t0 = time.perf_counter()
         if prob.truth is None:
             truth = _fd_grad(prob)
-            truths[prob.name] = {"kind": "fd"}
+            truths[prob.name] = {"kind": "fd",
+                                 "fd_step_difference": _rel(_fd_grad(prob, FD_STEP_CHECK),
+                                                            truth)}
         else:
             truth, stats = prob.truth(prob)
             stats["directional_fd_error"] = _directional_fd(prob, truth)
             truths[prob.name] = {"kind": "ift", **stats}
+            if not stats["directional_fd_error"] <= PG_FD_GATE:
+                res.errors.append(
+                    f"{prob.name}: the IFT truth disagrees with directional central "
+                    f"differences by {stats['directional_fd_error']:.1e} > {PG_FD_GATE:g}; "
+                    "the gradient errors of this problem are not trustworthy.")
         truths[prob.name]["seconds"] = time.perf_counter() - t0
         table_rows[prob.name] = _measure(prob, methods, truth, cfg, res)
         truths[prob.name]["problem_seconds"] = time.perf_counter() - t0
@@ -494,26 +516,57 @@ def run(cfg: Config) -> SuiteResult:
                 "target": verdicts, "fd_step": FD_STEP, "optimizer": METHOD_OPT,
                 "fd_optimizer": FD_OPT, "pose_graph_optimizer": POSE_OPT,
                 "pose_graph_truth_optimizer": POSE_TRUTH_OPT}
-    res.markdown = _markdown(table_rows, list(methods), problems, truths, verdicts, cfg)
-    res.figures.append(_plot(table_rows, list(methods), cfg))
-    noisy = table_rows.get("noisy exp fit (σ=0.3)", {})
+    for what, make in (
+            ("markdown", lambda: setattr(res, "markdown", _markdown(
+                table_rows, list(methods), problems, truths, verdicts, cfg))),
+            ("plot", lambda: res.figures.append(_plot(table_rows, list(methods), truths, cfg))),
+            ("headline", lambda: setattr(res, "headline", _headline(table_rows, problems, B)))):
+        try:
+            make()
+        except Exception as e:  # noqa: BLE001 - the measurements are kept in res.data
+            res.errors.append(f"theseus {what} could not be written: {type(e).__name__}: {e}")
+    return res
+
+
+def _ratios(e: dict, imp: dict) -> tuple[float | None, float | None]:
+    """(backward ÷ implicit's backward, forward+backward ÷ implicit's forward+backward)."""
+    bwd = e["backward_s"] / imp["backward_s"] if "backward_s" in e and "backward_s" in imp \
+        else None
+    tot = e["total_s"] / imp["total_s"] if "total_s" in e and "total_s" in imp else None
+    return bwd, tot
+
+
+def _flag(e: dict) -> str:
+    """`` ✗`` when a folded backward did not converge on every instance."""
+    return " ✗" if e.get("backward_converged") is False else ""
+
+
+def _headline(rows: dict, problems: list[Problem], B: int) -> list[str]:
+    out = []
+    noisy = rows.get("noisy exp fit (σ=0.3)", {})
     imp, fold = noisy.get(BASELINE, {}), noisy.get("folded (GN step, gmres)", {})
-    if "error" in imp and "error" in fold:
-        res.headline.append(
+    if "error" in imp and "error" in fold and "total_s" in fold and "total_s" in imp:
+        bwd, tot = _ratios(fold, imp)
+        out.append(
             f"noisy exp fit: gradient error Theseus implicit {fmt_err(imp['error'])} vs folded "
-            f"{fmt_err(fold['error'])}; folded backward "
-            f"{fmt_ratio(fold['backward_s'] / imp['backward_s'])} implicit's time")
-    pg = table_rows.get(POSE_NAME, {})
+            f"{fmt_err(fold['error'])}{_flag(fold)}; folded ÷ implicit: backward "
+            f"{fmt_ratio(bwd)}, forward+backward {fmt_ratio(tot)}")
+    pg = rows.get(POSE_NAME, {})
     imp = pg.get(BASELINE, {})
     if "backward_s" in imp:
-        parts = [f"{_short(n)} {fmt_ratio(pg[n]['backward_s'] / imp['backward_s'])}"
-                 for n in FOLDED if "backward_s" in pg.get(n, {})]
+        parts = []
+        for n in FOLDED:
+            e = pg.get(n, {})
+            if "backward_s" in e:
+                bwd, tot = _ratios(e, imp)
+                parts.append(f"{_short(n)} {fmt_ratio(bwd)} / {fmt_ratio(tot)}{_flag(e)}")
         errs = [pg[n]["error"] for n in FOLDED if "error" in pg.get(n, {})]
-        res.headline.append(
-            f"SE2 pose graph ({problems[-1].tangent_dim} tangent dims, B={B}): folded backward "
-            f"÷ implicit: {', '.join(parts)}; gradient error implicit {fmt_err(imp['error'])} "
-            f"vs folded ≤ {fmt_err(max(errs)) if errs else '—'}")
-    return res
+        out.append(
+            f"SE2 pose graph ({problems[-1].tangent_dim} tangent dims, B={B}): folded ÷ "
+            f"implicit, backward / forward+backward: {', '.join(parts)}; gradient error "
+            f"implicit {fmt_err(imp['error'])} vs folded ≤ "
+            f"{fmt_err(max(errs)) if errs else '—'}")
+    return out
 
 
 def _measure(prob: Problem, methods: dict, truth: torch.Tensor, cfg: Config,
@@ -544,6 +597,9 @@ def _measure(prob: Problem, methods: dict, truth: torch.Tensor, cfg: Config,
                 return y.grad
 
             entry["error"] = _rel(once(Stopwatch(cfg.device)), truth)
+            info = getattr(layer, "last_info", None)
+            if info is not None and info.backward_converged is not None:
+                entry["backward_converged"] = bool(info.backward_converged.all())
             calls[name], layers[name] = once, layer
         except Exception as e:  # noqa: BLE001 - one method failing must not stop the suite
             entry["failed"] = f"{type(e).__name__}: {e}"
@@ -571,6 +627,9 @@ def _measure(prob: Problem, methods: dict, truth: torch.Tensor, cfg: Config,
         entry["total_s"] = timing.median("total")
         entry["repeats"] = timing.repeats
         info = getattr(layers[name], "last_info", None)
+        if info is not None and info.backward_converged is not None:
+            entry["backward_converged"] = bool(entry.get("backward_converged", True)
+                                               and info.backward_converged.all())
         if info is not None and info.backward_iterations is not None:
             entry["backward_iterations"] = int(info.backward_iterations.max())
             if info.extra.get("hessian_vjps"):
@@ -590,17 +649,20 @@ def _target_verdicts(rows: dict, problems: list[Problem]) -> dict:
     for prob in problems:
         r = rows.get(prob.name, {})
         imp, unr = r.get(BASELINE, {}), r.get("theseus unroll", {})
-        if "backward_s" not in imp or "backward_s" not in unr:
+        if "total_s" not in imp or "total_s" not in unr:
             continue
         for name in FOLDED:
             e = r.get(name, {})
-            if "backward_s" not in e:
+            if "total_s" not in e:
                 continue
-            vs_imp = e["backward_s"] / imp["backward_s"]
+            vs_imp, total_vs_imp = _ratios(e, imp)
             vs_unr = e["backward_s"] / unr["backward_s"]
+            met_backward = bool(vs_imp <= TARGET_VS_IMPLICIT and vs_unr < 1.0)
+            met_total = bool(total_vs_imp <= TARGET_VS_IMPLICIT)
             out.setdefault(prob.name, {})[name] = {
-                "vs_implicit": vs_imp, "vs_unroll": vs_unr,
-                "met": bool(vs_imp <= TARGET_VS_IMPLICIT and vs_unr < 1.0),
+                "vs_implicit": vs_imp, "vs_unroll": vs_unr, "total_vs_implicit": total_vs_imp,
+                "met_backward": met_backward, "met_total": met_total,
+                "met": met_backward and met_total,
                 "in_scope": bool(prob.tangent_dim <= 100 and prob.wrt.shape[0] == 16)}
     return out
 
@@ -628,15 +690,18 @@ def _markdown(rows: dict, names: list[str], problems: list[Problem], truths: dic
         for name in names:
             e = r.get(name, {})
             if "failed" in e:
-                out.append((name, "failed: " + e["failed"][:120], "", "", "", ""))
+                out.append((name, "failed: " + e["failed"][:120], "", "", "", "", ""))
                 continue
             if "error" not in e:
                 continue
-            ratio = (e["backward_s"] / base["backward_s"]) if "backward_s" in base else None
+            if "backward_s" not in e:  # the check call ran, the timed calls failed
+                out.append((name, fmt_err(e["error"]) + _flag(e), "", "", "", "", ""))
+                continue
+            ratio, total_ratio = _ratios(e, base)
             its = e.get("backward_iterations")
-            out.append((name, fmt_err(e["error"]), fmt_ms(e["forward_s"]),
-                        fmt_ms(e["backward_s"]), fmt_ratio(ratio),
-                        "" if its is None else str(its)))
+            out.append((name, fmt_err(e["error"]) + _flag(e), fmt_ms(e["forward_s"]),
+                        fmt_ms(e["backward_s"]) + _flag(e), fmt_ratio(ratio),
+                        fmt_ratio(total_ratio), "" if its is None else str(its)))
         t = truths.get(prob.name, {})
         truth_name = "FD" if t.get("kind", "fd") == "fd" else "IFT truth"
         reps = next((e["repeats"] for e in r.values() if "repeats" in e), cfg.repeats)
@@ -644,27 +709,44 @@ def _markdown(rows: dict, names: list[str], problems: list[Problem], truths: dic
                f"`{prob.wrt_name}` {tuple(prob.wrt.shape)}, batch {prob.wrt.shape[0]}, "
                f"{prob.iterations} Gauss-Newton iterations, median of {reps})", "",
                table(["method", f"gradient error vs {truth_name}", "forward ms", "backward ms",
-                      f"backward ÷ {BASELINE}", "folded backward iterations"], out)]
+                      f"backward ÷ {BASELINE}", f"forward+backward ÷ {BASELINE}",
+                      "folded backward iterations"], out)]
+        if t.get("kind") == "fd":
+            md.append(f"Truth check: central differences at steps {FD_STEP:g} and "
+                      f"{FD_STEP_CHECK:g} (× (1+|data|)) differ by "
+                      f"{fmt_err(t['fd_step_difference'])} (worst instance, relative): the FD "
+                      "truth's error is of that order, and gradient errors at or below it "
+                      "cannot be resolved.")
+            md.append("")
         if t.get("kind") == "ift":
+            passed = t["directional_fd_error"] <= PG_FD_GATE
+            jac, angle = t["jacobian_vs_theseus"], t.get("jacobian_vs_theseus_angle", math.nan)
+            explain = jac > JACOBIAN_EXPLAIN and \
+                SE2_SWITCH_WINDOW[0] < angle < SE2_SWITCH_WINDOW[1]
             md.append(
                 f"Truth check: the IFT gradient agrees with central differences along "
                 f"{PG_FD_DIRECTIONS} random unit directions per instance (step {PG_FD_STEP:g}) "
-                f"to {fmt_err(t['directional_fd_error'])} (the limit of differencing Theseus's "
-                f"solves at this step: their roundoff over 2h); its residuals "
+                f"to {fmt_err(t['directional_fd_error'])} ("
+                + (f"within the gate {PG_FD_GATE:g}" if passed else
+                   f"**above the gate {PG_FD_GATE:g}: the truth is not trustworthy**")
+                + f"); its residuals "
                 f"match Theseus's cost-function errors to {t['residual_vs_theseus']:.1e}; "
                 f"Theseus's x* has ‖∇f‖ = {t['stationarity_before']:.1e}, polished to "
                 f"{t['stationarity_after']:.1e} (smallest Hessian eigenvalue "
                 f"{t['hessian_min_eig']:.1e}). Theseus's analytic Jacobians differ from "
-                f"autograd's of the same errors by up to {t['jacobian_vs_theseus']:.1e}: its "
-                "SE2 log-map Jacobian evaluates 1/θ − ½·sin θ/(1 − cos θ), which cancels "
-                "catastrophically for residual angles just above its 1e-3 series switch. "
-                "Theseus's fixed point Jᵀr = 0 and every gradient of it (unroll, folded) "
-                "inherit that: errors of that order or below are Theseus's Jacobian floor, not "
-                "the backward's. "
-                f"This problem took {t['problem_seconds']:.0f} s in all (truth and its check "
+                f"autograd's of the same errors by up to {jac:.1e} (at a residual angle "
+                f"|θ| = {angle:.1e}). "
+                + ("Its SE2 log-map Jacobian evaluates 1/θ − ½·sin θ/(1 − cos θ), which "
+                   "cancels catastrophically for residual angles just above its 1e-3 series "
+                   "switch, where this largest difference lies; Theseus's fixed point Jᵀr = 0 "
+                   "and every gradient of it (unroll, folded) inherit that, so errors of that "
+                   "order or below are Theseus's Jacobian floor, not the backward's. "
+                   if explain else "")
+                + f"This problem took {t['problem_seconds']:.0f} s in all (truth and its check "
                 f"{t['seconds']:.1f} s).")
             md.append("")
     floor = truths.get(POSE_NAME, {}).get("iterations_to_floor")
+    fd_floor = _fd_floor(truths)
     md.append(f"Every method's forward runs a fixed number of Gauss-Newton iterations "
               f"({METHOD_OPT['max_iterations']}; {POSE_OPT['max_iterations']} on the pose graph, "
               + ("" if floor is None else
@@ -673,30 +755,42 @@ def _markdown(rows: dict, names: list[str], problems: list[Problem], truths: dic
               + ") with Theseus's "
               "tolerances set to 0 (its objective-decrease test would stop at ‖δx‖ ≈ 1e-8 on "
               "non-zero residuals); the finite differences use "
-              f"{FD_OPT['max_iterations']} (central, step 1e-6·(1+|data|), float64) and are "
-              "accurate to about 1e-9: errors below that are at the truth's floor.")
+              f"{FD_OPT['max_iterations']} (central, step {FD_STEP:g}·(1+|data|), float64)"
+              + (f"; the two FD steps differ by at most {fmt_err(fd_floor)} over these "
+                 "problems (dotted line in the plot)" if fd_floor is not None else "")
+              + ".")
+    if any(e.get("backward_converged") is False for r in rows.values() for e in r.values()):
+        md.append("")
+        md.append("✗ marks a folded layer whose backward solve did not reach its tolerance on "
+                  "every instance (`FoldInfo.backward_converged`).")
     md += ["", _target_markdown(verdicts, problems)]
     return "\n".join(md)
 
 
 def _target_markdown(verdicts: dict, problems: list[Problem]) -> str:
     """The issue-4 speed target and, per problem and folded variant, whether it was met."""
-    lines = [f"**Speed target (issue 4).** The folded backward must take at most "
-             f"{TARGET_VS_IMPLICIT:g}× the time of Theseus `implicit` and less than `unroll`'s, "
-             "for problems up to 100 tangent dimensions and batch 16. Verdicts below are "
-             "computed from this run's medians (a ratio near a threshold can flip between runs "
-             "on a loaded machine).", ""]
+    lines = [f"**Speed target (issue 4).** Issue 4 states it for the backward: at most "
+             f"{TARGET_VS_IMPLICIT:g}× the backward time of Theseus `implicit` and less than "
+             "`unroll`'s, for problems up to 100 tangent dimensions and batch 16. "
+             "`step=\"newton\"` builds the Hessian in the forward, so a backward-only ratio "
+             "would flatter it: the verdict here is *met* only when the backward target holds "
+             f"**and** forward + backward is at most {TARGET_VS_IMPLICIT:g}× implicit's "
+             "forward + backward. Verdicts are computed from this run's medians (a ratio near a "
+             "threshold can flip between runs on a loaded machine).", ""]
     rows = []
     for prob in problems:
         for name, v in verdicts.get(prob.name, {}).items():
-            scope = "" if v["in_scope"] else " (outside the target's size)"
+            scope = "" if v["in_scope"] else "; outside the target's size"
+            missed = [w for w, ok in (("backward", v["met_backward"]),
+                                      ("forward+backward", v["met_total"])) if not ok]
+            verdict = "met" if v["met"] else "not met: " + " and ".join(missed)
             rows.append((f"{prob.name} ({prob.tangent_dim} dims, B={prob.wrt.shape[0]})", name,
                          fmt_ratio(v["vs_implicit"]), fmt_ratio(v["vs_unroll"]),
-                         ("met" if v["met"] else "not met") + scope))
+                         fmt_ratio(v["total_vs_implicit"]), verdict + scope))
     if not rows:
         return "\n".join(lines + ["(no verdict: a method needed for it did not run)"])
     lines.append(table(["problem", "folded variant", "backward ÷ implicit",
-                        "backward ÷ unroll", "target"], rows))
+                        "backward ÷ unroll", "forward+backward ÷ implicit", "target"], rows))
     per_variant = []
     for name in FOLDED:
         vs = [verdicts[p.name][name] for p in problems
@@ -704,7 +798,9 @@ def _target_markdown(verdicts: dict, problems: list[Problem]) -> str:
         if not vs:
             continue
         n_met = sum(v["met"] for v in vs)
-        per_variant.append(f"{name}: met on {n_met} of {len(vs)} problem(s)")
+        n_bwd = sum(v["met_backward"] for v in vs)
+        per_variant.append(f"{name}: met on {n_met} of {len(vs)} problem(s) (backward alone "
+                           f"on {n_bwd})")
     pg = verdicts.get(POSE_NAME, {})
     if pg:
         met = [n for n, v in pg.items() if v["met"]]
@@ -719,7 +815,13 @@ def _target_markdown(verdicts: dict, problems: list[Problem]) -> str:
     return "\n".join(lines)
 
 
-def _plot(rows: dict, names: list[str], cfg: Config):
+def _fd_floor(truths: dict) -> float | None:
+    """Largest difference between the two FD steps over the FD-truth problems (measured)."""
+    vals = [t["fd_step_difference"] for t in truths.values() if "fd_step_difference" in t]
+    return max(vals) if vals else None
+
+
+def _plot(rows: dict, names: list[str], truths: dict, cfg: Config):
     import matplotlib.pyplot as plt
 
     probs = list(rows)
@@ -738,7 +840,9 @@ def _plot(rows: dict, names: list[str], cfg: Config):
         ax.set_xticklabels([p.replace(" (", "\n(") for p in probs], fontsize=8)
         ax.set_ylabel(lab)
         ax.grid(True, axis="y", alpha=0.3)
-    axes[0].axhline(1e-9, color="k", ls=":", lw=1)
+    fd_floor = _fd_floor(truths)
+    if fd_floor is not None:
+        axes[0].axhline(max(fd_floor, 1e-16), color="k", ls=":", lw=1)
     marks = []
     for j, p in enumerate(probs):  # the issue-4 target: TARGET_VS_IMPLICIT × implicit
         imp = rows[p].get(BASELINE, {}).get("backward_s")
@@ -753,4 +857,5 @@ def _plot(rows: dict, names: list[str], cfg: Config):
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     return save_figure(fig, cfg, "theseus", "Theseus modes vs FoldedTheseusLayer: gradient "
                        "error against the truth (finite differences; IFT on the pose graph; "
-                       "dotted: FD accuracy) and backward time.")
+                       "dotted: the measured difference of the FD truth at steps "
+                       f"{FD_STEP:g} and {FD_STEP_CHECK:g}) and backward time.")

@@ -436,13 +436,13 @@ def test_forward_nonconvergence_warns_naming_instances():
     # the converged instances still get the exact gradient; the other one a finite one
     fd = exp_fd(y[[0, 2]])
     assert rel_err(g[[0, 2]], fd) <= REL_TOL and bool(torch.isfinite(g).all())
-    with pytest.raises(fp.FoldError, match=r"\[1\]"):
-        FoldedTheseusLayer(exp_optimizer(max_iterations=2), strict=True)({"y": y, **init})
+    with pytest.raises(fp.FoldError, match=r"\[1\] of 3"):
+        FoldedTheseusLayer(exp_optimizer(max_iterations=2), strict=True)({"y": yy, **init})
 
 
 def test_singular_system_raises_fold_error():
     """r_i = a + b − y_i: JᵀJ (and H) are singular along a − b, x* is not isolated."""
-    y = exp_data(1, noise=0.5)
+    y = exp_data(1, noise=0.5).requires_grad_(True)  # a gradient is wanted: M is factored
 
     def flat(a, b, x, yv):
         return a + b - yv
@@ -465,3 +465,356 @@ def test_bad_arguments():
         FoldedTheseusLayer(exp_optimizer(), fixed_point_tol=-1.0)
     with pytest.raises(fp.FoldError, match="input_tensors must be a dict"):
         FoldedTheseusLayer(exp_optimizer())([exp_data(1, 0.1)])
+
+
+# ------------------------------------------------------------------ per-instance failures
+
+def shared_problem(opt_cls, s: nn.Parameter, **kw):
+    """Exp fit with a parameter ``s`` shared by the batch: r = exp(a·x) + b − y + s·x²."""
+    def residual(a, b, x, y):
+        return torch.exp(a * x) + b - y + s * x ** 2
+    return exp_optimizer(opt_cls, residual=residual, **kw)
+
+
+@pytest.mark.parametrize("case", ["nan_data", "singular"])
+def test_failed_instance_is_excluded_others_exact(case):
+    """Instance 1 of 3 has NaN data (its Theseus solution is NaN) or a singular JᵀJ (x ≡ 0, so
+    ∂r/∂a = 0 and a is free): it is flagged and gets an exactly zero gradient; instances 0 and 2
+    keep the exact gradient, and so does the parameter ``s`` they share with it."""
+    s = nn.Parameter(torch.tensor(0.3, dtype=DT))
+    y = exp_data(3, noise=0.5, seed=2)
+    X = EXP_X.expand(3, -1).clone()
+    if case == "nan_data":  # LU lets the NaN stay in its instance (Cholesky fails the batch)
+        y[1, 3] = float("nan")
+        opt_cls, kw, step = th.GaussNewton, {"linear_solver_cls": th.LUDenseSolver}, "auto"
+    else:  # LM's damping lets Theseus solve the batch; the folded GN step meets JᵀJ singular
+        X[1] = 0.0
+        opt_cls, kw, step = th.LevenbergMarquardt, {}, "gauss_newton"
+    layer = FoldedTheseusLayer(shared_problem(opt_cls, s, **kw), step=step)
+    yy = y.clone().requires_grad_(True)
+    match = "NaN/Inf" if case == "nan_data" else "singular"
+    with pytest.warns(fp.FoldConvergenceWarning, match=rf"{match}.*instance\(s\) \[1\] of 3"):
+        values, info = layer({"y": yy, "x": X, **exp_init(3)})
+    # the whole loss, NaN row included: that row sends nothing back
+    gy, gs = torch.autograd.grad(exp_loss(values).sum(), [yy, s])
+    fi = info.fold_info
+    assert fi.forward_converged.tolist() == [True, False, True]
+    assert fi.extra["excluded"].tolist() == [False, True, False]
+    assert float(gy[1].abs().max()) == 0.0
+    good = [0, 2]
+    ref = th.TheseusLayer(shared_problem(th.GaussNewton, s))
+    fd = fd_per_instance(lambda ys: exp_loss(ref({"y": ys, **exp_init(ys.shape[0])})[0]), y[good])
+    assert rel_err(gy[good], fd) <= REL_TOL
+    vals = []
+    with torch.no_grad():
+        for sign in (1.0, -1.0):
+            s += sign * FD_H
+            vals.append(exp_loss(ref({"y": y[good], **exp_init(2)})[0]).sum())
+            s -= sign * FD_H
+    fd_s = (vals[0] - vals[1]) / (2 * FD_H)
+    assert abs(float(gs - fd_s)) <= REL_TOL * abs(float(fd_s))
+    with pytest.raises(fp.FoldError, match=r"\[1\] of 3"):
+        FoldedTheseusLayer(shared_problem(opt_cls, s, **kw), step=step, strict=True)(
+            {"y": y.clone().requires_grad_(True), "x": X, **exp_init(3)})
+    if case == "nan_data":  # no instance left: a clear error, not NaN
+        with pytest.raises(fp.FoldError, match="NaN/Inf for every instance"):
+            FoldedTheseusLayer(shared_problem(opt_cls, s, **kw))(
+                {"y": y[1:2].clone().requires_grad_(True), **exp_init(1)})
+
+
+# ----------------------------------------------------------------------------- inference path
+
+def _count_linearize(optimizer) -> list[int]:
+    lin = optimizer.linear_solver.linearization
+    calls = [0]
+    original = lin.linearize
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    lin.linearize = counted
+    return calls
+
+
+def test_inference_skips_fold_and_uses_theseus_status():
+    """No gradient wanted: exactly Theseus's own linearisations (none at x*), Theseus's values,
+    and forward convergence = Theseus's per-instance status. A singular JᵀJ is not an error
+    there (nothing is differentiated)."""
+    y = exp_data(3, noise=0.5, seed=7)
+    default_tol = dict(abs_err_tolerance=1e-10, rel_err_tolerance=1e-8)
+    with torch.no_grad():
+        sol, _ = th.TheseusLayer(exp_optimizer())({"y": y, **exp_init(3)})
+    init = {k: v.clone() for k, v in sol.items()}
+    init["a"][1], init["b"][1] = 0.2, 3.0  # instance 1 starts far away: MAX_ITERATIONS
+    plain_opt = exp_optimizer(max_iterations=2, **default_tol)
+    plain_calls = _count_linearize(plain_opt)
+    with torch.no_grad():
+        ref, ref_info = th.TheseusLayer(plain_opt)({"y": y, **init})
+    status = [s == th.NonlinearOptimizerStatus.CONVERGED for s in ref_info.status]
+    assert status == [True, False, True]
+    for grad_mode in (False, True):  # no_grad, and grad mode with nothing requiring grad
+        opt = exp_optimizer(max_iterations=2, **default_tol)
+        calls = _count_linearize(opt)
+        with torch.set_grad_enabled(grad_mode), \
+                pytest.warns(fp.FoldConvergenceWarning, match=r"status.*\[1\] of 3"):
+            values, info = FoldedTheseusLayer(opt)({"y": y, **init})
+        assert calls[0] == plain_calls[0] == 2
+        assert all(torch.equal(values[k], ref[k]) and not values[k].requires_grad for k in ref)
+        assert info.fold_info.forward_converged.tolist() == status
+        assert info.fold_info.extra["forward_check"] == "theseus_status"
+    # with a gradient wanted: one more linearisation (M at x*), and the step-length verdict
+    opt = exp_optimizer(max_iterations=2, **default_tol)
+    calls = _count_linearize(opt)
+    with pytest.warns(fp.FoldConvergenceWarning, match=r"\[1\] of 3"):
+        FoldedTheseusLayer(opt)({"y": y.clone().requires_grad_(True), **init})
+    assert calls[0] == plain_calls[0] + 1
+
+    def flat(a, b, x, yv):
+        return a + b - yv
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", fp.FoldConvergenceWarning)
+        opt = exp_optimizer(th.LevenbergMarquardt, residual=flat, **default_tol)
+        values, info = FoldedTheseusLayer(opt)({"y": y, **exp_init(3)})
+    # LM finds a minimiser on the line a + b = mean(y); Theseus says converged: no warning
+    assert float((values["a"] + values["b"] - y.mean(1, keepdim=True)).abs().max()) <= 1e-8
+    assert bool(info.fold_info.forward_converged.all())
+
+
+# ------------------------------------------------------------------ float32, conditioning
+
+POSES = 30
+
+
+def se2_chain(dtype: torch.dtype, prior_scale: float):
+    """A 30-pose SE2 chain: weak priors (scale ``prior_scale``) towards noisy absolute targets on
+    every pose, odometry (Between) costs with measurements ``m{i}``; cond(JᵀJ) ∝ 1/prior²."""
+    g = torch.Generator().manual_seed(11)
+    odo = torch.tensor([[0.5, 0.0, 0.15]], dtype=DT) + 0.05 * torch.randn(
+        POSES - 1, 3, generator=g, dtype=DT)
+    T = th.SE2(x_y_theta=torch.zeros(1, 3, dtype=DT))
+    logs = [T.log_map()]
+    for i in range(POSES - 1):
+        T = T.compose(th.SE2.exp_map(odo[i:i + 1]))
+        logs.append(T.log_map())
+    truth = th.SE2.exp_map(torch.cat(logs)).tensor
+    targets = th.SE2.exp_map(torch.cat(logs) + 0.2 * torch.randn(
+        POSES, 3, generator=g, dtype=DT)).tensor
+    w_loss = torch.randn(1, 4 * POSES, generator=g, dtype=DT)
+    obj = th.Objective(dtype=dtype)
+    xs = [th.SE2(name=f"x{i}", dtype=dtype) for i in range(POSES)]
+    for i in range(POSES):
+        t = th.SE2(tensor=targets[i:i + 1].to(dtype), name=f"t{i}")
+        w = th.ScaleCostWeight(torch.tensor([[prior_scale]], dtype=dtype))
+        obj.add(th.Difference(xs[i], t, w, name=f"p{i}"))
+    for i in range(POSES - 1):
+        m = th.SE2(name=f"m{i}", dtype=dtype)
+        obj.add(th.Between(xs[i], xs[i + 1], m, th.ScaleCostWeight(
+            torch.ones(1, 1, dtype=dtype)), name=f"b{i}"))
+    opt = th.GaussNewton(obj, **TIGHT)
+
+    def inputs(theta):  # theta: (B, 3·(POSES−1)) odometry in tangent coordinates
+        B = theta.shape[0]
+        d = {f"m{i}": th.SE2.exp_map(theta[:, 3 * i:3 * i + 3]).tensor.to(dtype)
+             for i in range(POSES - 1)}
+        d.update({f"x{i}": truth[i:i + 1].to(dtype).expand(B, -1).clone()
+                  for i in range(POSES)})
+        return d
+
+    def loss(values):
+        x = torch.cat([values[f"x{i}"] for i in range(POSES)], dim=1)
+        return (x * w_loss.to(x.dtype)).sum(1)
+
+    return opt, inputs, loss, odo.reshape(1, -1)
+
+
+@pytest.mark.parametrize("prior_scale", [0.02, 0.002])
+def test_float32_well_posed_pose_graph(prior_scale):
+    """90 tangent dims in float32. cond(JᵀJ) ≈ 1.3e4 (scale 0.02) is well posed: no error, no
+    warning, gradient within float32 accuracy of float64 finite differences (the old
+    rcond ≤ 10·n·eps = 1.1e-4 test rejected it). cond ≈ 1e6 (scale 0.002): rcond₁ in
+    (eps, n·eps], so a precision warning, still no error."""
+    opt64, inputs64, loss, theta = se2_chain(DT, prior_scale)
+    ref = th.TheseusLayer(opt64)
+    fd = fd_per_instance(lambda t: loss(ref(inputs64(t))[0]), theta)
+    opt, inputs, _, _ = se2_chain(torch.float32, prior_scale)
+    tt = theta.clone().float().requires_grad_(True)
+    layer = FoldedTheseusLayer(opt, maxiter=30)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        values, info = layer(inputs(tt.double()))
+        (g,) = torch.autograd.grad(loss(values).sum(), tt)
+    fold_warnings = [str(w.message) for w in caught
+                     if issubclass(w.category, fp.FoldConvergenceWarning)]
+    fi = info.fold_info
+    M = opt.linear_solver.linearization.AtA.double()  # JᵀJ at x*, as the step factored it
+    eps, n = torch.finfo(torch.float32).eps, 3 * POSES
+    true_rcond1 = float(1 / torch.linalg.cond(M, 1))
+    est = float(fi.extra["rcond"])
+    # Hager's estimate bounds ‖M⁻¹‖₁ from below, so est ≥ truth up to float32 round-off in
+    # the solves (relative cond·eps ≈ 0.4 at scale 0.002); usually within a factor 3 above
+    assert 0.5 * true_rcond1 <= est <= 3 * true_rcond1
+    if prior_scale == 0.02:
+        assert 1 / float(torch.linalg.cond(M)) < 10 * n * eps  # what the old test rejected
+        assert fold_warnings == []
+        assert rel_err(g.double(), fd) <= 1e-3
+        assert int(fi.backward_iterations.max()) <= 5 and bool(fi.converged.all())
+    else:
+        assert eps < est <= n * eps
+        assert any("ill-conditioned for instance(s) [0] of 1" in m for m in fold_warnings)
+        assert rel_err(g.double(), fd) <= 1e-2
+
+
+def test_rcond_estimate_against_exact():
+    """The factor-based estimate of 1/(‖M‖₁‖M⁻¹‖₁) against torch.linalg.cond(M, 1)."""
+    from adapters.theseus import _rcond_estimate
+
+    g = torch.Generator().manual_seed(0)
+    n = 12
+    A = torch.randn(6, n, n, generator=g, dtype=DT)
+    scale = torch.logspace(0, -9, n, dtype=DT)
+    spd = A @ torch.diag(scale) @ A.transpose(1, 2) + 1e-12 * torch.eye(n, dtype=DT)
+    F, _ = torch.linalg.cholesky_ex(spd)
+    est = _rcond_estimate(spd, "cholesky", F, None)
+    truth = 1 / torch.linalg.cond(spd, 1)
+    assert bool((est >= truth * (1 - 1e-6)).all()) and bool((est <= 3 * truth).all())
+    gen = A * scale  # non-symmetric, graded columns
+    LU, piv, _ = torch.linalg.lu_factor_ex(gen)
+    est = _rcond_estimate(gen, "lu", LU, piv)
+    truth = 1 / torch.linalg.cond(gen, 1)
+    assert bool((est >= truth * (1 - 1e-6)).all()) and bool((est <= 3 * truth).all())
+
+
+# ----------------------------------------------------------------------------- LM damping
+
+def test_lm_auto_uses_configured_damping_not_final_adaptive():
+    """With adaptive damping and 30 iterations Theseus ends with λ = 1e7 (every step after
+    convergence is rejected, ×11 each). The folded LM step uses the configured λ = 1e-3: same
+    gradient, and the backward's fixed-point iteration converges in a few steps (with λ = 1e7,
+    ρ(Φ) ≈ 1 − μ/λ: measured 5000 iterations, not converged)."""
+    B = 8
+    y = exp_data(B, noise=0.5, seed=5)
+    fd = exp_fd(y)
+    for backward, cap in (("fixed_point", 10), ("gmres", 2 + 1)):  # gmres: ≤ tangent dim + 1
+        opt = exp_optimizer(th.LevenbergMarquardt, max_iterations=30)
+        layer = FoldedTheseusLayer(opt, backward=backward)
+        yy = y.clone().requires_grad_(True)
+        values, info = layer({"y": yy, **exp_init(B)}, {"adaptive_damping": True})
+        assert float(opt._damping.min()) >= 1e6  # the optimizer's final λ
+        assert info.fold_info.extra["damping"] == 1e-3
+        (g,) = torch.autograd.grad(exp_loss(values).sum(), yy)
+        assert float(((g - fd).norm(dim=1) / fd.norm(dim=1)).max()) <= REL_TOL
+        assert int(info.fold_info.backward_iterations.max()) <= cap
+        assert bool(info.fold_info.converged.all())
+
+
+def _lfpi_iterations(values: dict, y: torch.Tensor, lam: float, ellipsoidal: bool) -> list[int]:
+    """Closed-form count of v ← Φᵀv + g steps to ‖(Φᵀ)ᵏg‖ ≤ 1e-10‖g‖ for the exp fit:
+    Φ = I − M⁻¹H, H = JᵀJ + Σ rᵢ∇²rᵢ and M = JᵀJ + λ(diag(JᵀJ) + 1e-8 or I), at x*."""
+    a, b = values["a"].detach(), values["b"].detach()
+    ex = torch.exp(a * EXP_X)
+    r = ex + b - y
+    J = torch.stack([EXP_X * ex, torch.ones_like(ex)], dim=2)  # (B, N, 2)
+    JtJ = J.transpose(1, 2) @ J
+    H = JtJ.clone()
+    H[:, 0, 0] += (r * EXP_X ** 2 * ex).sum(1)
+    D = torch.diag_embed(JtJ.diagonal(dim1=1, dim2=2)) if ellipsoidal else torch.eye(2, dtype=DT)
+    M = JtJ + lam * D + (1e-8 * torch.eye(2, dtype=DT) if ellipsoidal else 0)
+    PhiT = (torch.eye(2, dtype=DT) - torch.linalg.solve(M, H)).transpose(1, 2)
+    out = []
+    for k in range(y.shape[0]):
+        g = EXP_W[0].clone()
+        v, it = g.clone(), 0
+        while float(v.norm()) > 1e-10 * float(g.norm()):
+            v, it = PhiT[k] @ v, it + 1
+        out.append(it)
+    return out
+
+
+def test_lm_ellipsoidal_damping():
+    """Ellipsoidal damping D = diag(JᵀJ): exact gradient, and the backward fixed-point
+    iteration takes the closed-form number of steps for *that* M (not for D = I)."""
+    B = 4
+    y = exp_data(B, noise=0.5, seed=6)
+    fd = exp_fd(y)
+    kw = {"ellipsoidal_damping": True, "adaptive_damping": True, "damping": 0.5}
+    layer = FoldedTheseusLayer(exp_optimizer(th.LevenbergMarquardt, max_iterations=30),
+                               backward="fixed_point")
+    yy = y.clone().requires_grad_(True)
+    values, info = layer({"y": yy, **exp_init(B)}, kw)
+    (g,) = torch.autograd.grad(exp_loss(values).sum(), yy)
+    assert float(((g - fd).norm(dim=1) / fd.norm(dim=1)).max()) <= REL_TOL
+    measured = info.fold_info.backward_iterations.tolist()
+    ellip = _lfpi_iterations(values, y, 0.5, ellipsoidal=True)
+    spher = _lfpi_iterations(values, y, 0.5, ellipsoidal=False)
+    assert all(abs(m - e) <= 1 for m, e in zip(measured, ellip)), (measured, ellip)
+    assert all(abs(m - s) > 1 for m, s in zip(measured, spher)), (measured, spher)
+
+
+# ----------------------------------------------------------------------------- more coverage
+
+def test_se2_batch_per_instance_targets():
+    """SE2 registration, batch of 4 with per-instance noisy targets; GN and Newton steps."""
+    make, q, init, loss = registration("SE2", noise=0.3)
+    B = 4
+    qb = q + 0.3 * torch.randn(B, q.shape[1], generator=torch.Generator().manual_seed(8),
+                               dtype=DT)
+    ref = th.TheseusLayer(make())
+    fd = fd_per_instance(lambda qs: loss(ref({"q": qs, **init(qs.shape[0])})[0]), qb)
+    for step in ("auto", "newton"):
+        qq = qb.clone().requires_grad_(True)
+        values, info = FoldedTheseusLayer(make(), step=step)({"q": qq, **init(B)})
+        (g,) = torch.autograd.grad(loss(values).sum(), qq)
+        assert float(((g - fd).norm(dim=1) / fd.norm(dim=1)).max()) <= REL_TOL
+        assert bool(info.fold_info.converged.all())
+    qq = qb.clone().requires_grad_(True)
+    g_impl = theseus_grad(make(), {"q": qq, **init(B)}, qq, loss, "implicit")
+    assert float(((g_impl - fd).norm(dim=1) / fd.norm(dim=1)).min()) >= 1e-2
+
+
+def huber_optimizer():
+    """Exp fit with a Huber loss on every residual (radius 1 on rᵢ²), data with outliers."""
+    a, b = th.Vector(1, name="a", dtype=DT), th.Vector(1, name="b", dtype=DT)
+    X = th.Variable(EXP_X.clone(), name="x")
+    Y = th.Variable(torch.zeros(1, EXP_N, dtype=DT), name="y")
+
+    def err(optim_vars, aux_vars):
+        return (torch.exp(optim_vars[0].tensor * aux_vars[0].tensor) + optim_vars[1].tensor
+                - aux_vars[1].tensor)
+
+    cf = th.AutoDiffCostFunction([a, b], err, EXP_N, aux_vars=[X, Y], name="fit",
+                                 cost_weight=th.ScaleCostWeight(torch.ones(1, 1, dtype=DT)))
+    log_radius = th.Variable(torch.zeros(1, 1, dtype=DT), name="log_radius")
+    obj = th.Objective(dtype=DT)
+    obj.add(th.RobustCostFunction(cf, th.HuberLoss, log_radius, flatten_dims=True,
+                                  name="huber"))
+    return th.GaussNewton(obj, **TIGHT)
+
+
+def test_robust_huber_cost():
+    y = exp_data(2, noise=0.2, seed=4)
+    y[:, [3, 11, 17]] += torch.tensor([3.0, -2.5, 4.0], dtype=DT)  # outliers
+    ref = th.TheseusLayer(huber_optimizer())
+    fd = fd_per_instance(lambda ys: exp_loss(ref({"y": ys, **exp_init(ys.shape[0])})[0]), y)
+    for step in ("auto", "newton"):
+        yy = y.clone().requires_grad_(True)
+        values, _ = FoldedTheseusLayer(huber_optimizer(), step=step)({"y": yy, **exp_init(2)})
+        (g,) = torch.autograd.grad(exp_loss(values).sum(), yy)
+        assert rel_err(g, fd) <= REL_TOL
+    yy = y.clone().requires_grad_(True)
+    g_impl = theseus_grad(huber_optimizer(), {"y": yy, **exp_init(2)}, yy, exp_loss, "implicit")
+    assert rel_err(g_impl, fd) >= 1e-2
+
+
+@pytest.mark.parametrize("opt_cls", [th.GaussNewton, th.LevenbergMarquardt])
+def test_vectorize_false(opt_cls):
+    """Theseus without cost-function vectorization (Jacobians served per cost function)."""
+    y = exp_data(2, noise=1.0, seed=1)
+    fd = exp_fd(y)
+    layer = FoldedTheseusLayer(exp_optimizer(opt_cls), vectorize=False)
+    assert not layer.objective.vectorized
+    yy = y.clone().requires_grad_(True)
+    values, _ = layer({"y": yy, **exp_init(2)})
+    (g,) = torch.autograd.grad(exp_loss(values).sum(), yy)
+    assert rel_err(g, fd) <= REL_TOL

@@ -49,7 +49,8 @@ warning (a :class:`fp.FoldError` with ``strict=True``, or when no instance is le
 
 Without a gradient to compute (under ``torch.no_grad()``, or when no input, cost weight or
 closure parameter requires grad) the layer is Theseus's forward only: no linearisation or
-factorisation at x*, and forward convergence is Theseus's own per-instance status.
+factorisation at x*, and forward convergence is Theseus's own per-instance status
+(``FoldInfo.forward_converged``); only failures (status FAIL, non-finite solution) warn then.
 """
 
 from __future__ import annotations
@@ -280,13 +281,14 @@ class FoldedTheseusLayer(FoldedModule):
             info.extra["forward_check"] = "theseus_status"
             self.last_info = info
             last_err = th_info.last_err.detach().to(device=dev, dtype=dt).reshape(-1)
+            # without a gradient nothing is biased: only real failures are reported here (a
+            # FAIL status or a non-finite solution), not MAX_ITERATIONS, which th.TheseusLayer
+            # users hit on purpose with fixed iteration counts; forward_converged still says it
             report_unconverged(
-                ~converged, last_err if last_err.numel() == B else last_err.expand(B),
-                f"{name} forward (judged by Theseus's status, no gradient requested; error = "
-                "final objective value)", f"raise max_iterations (now {max_it}) or loosen "
-                "abs_err_tolerance/rel_err_tolerance of the Theseus optimizer; an instance with "
-                "status FAIL hit an error in Theseus's linear solve (singular system or NaN "
-                "data)", self.strict, stacklevel=3)
+                failed | ~finite_x, last_err if last_err.numel() == B else last_err.expand(B),
+                f"{name} forward (no gradient requested; error = final objective value)",
+                "an instance with status FAIL hit an error in Theseus's linear solve (singular "
+                "system or NaN data): check its data", self.strict, stacklevel=3)
             th_info.fold_info = info
             return self._outputs(x_star, x_star, None, input_tensors), th_info
 

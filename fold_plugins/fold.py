@@ -334,6 +334,10 @@ class _Backward:
             remedy = ("the step's vector-Jacobian product is NaN/Inf at x_star (a point where "
                       "the step is not differentiable, e.g. sqrt or norm at 0): make the step "
                       "differentiable there")
+        elif bool(s.extra.get("stagnated", torch.zeros(1, dtype=torch.bool)).any()):
+            remedy = ("the residual stagnated: the step's VJP is only accurate to about that "
+                      "level (round-off inside the step), so loosen tol to it or compute the "
+                      "step more accurately (e.g. float64)")
         elif s.diverged is not None and bool(s.diverged.any()):
             remedy = ("the fixed-point iteration diverged, so ρ(Φ) ≥ 1 for that step: use "
                       "solver='gmres' (or 'dense' for small states)")

@@ -129,7 +129,9 @@ def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
     Minimises ``‖b − A x‖`` over the Krylov space, tracking each instance's residual with
     Givens rotations; an instance is done when its relative residual is ≤ ``tol``. The
     estimate ends a cycle; the true residual, recomputed at each restart and at the end (one
-    extra operator application), decides. Gram–Schmidt is classical and applied twice (CGS2).
+    extra operator application), decides. An instance whose true residual gained < 1 % over a
+    whole cycle has stagnated (round-off bounds it): it stops, unconverged, flagged in
+    ``info.extra["stagnated"]``. Gram–Schmidt is classical and applied twice (CGS2).
     In exact arithmetic an instance converges in at most ``rank(A − I) + 1`` iterations.
 
     The inner loop is written for few tensor operations per iteration (≈30, besides the
@@ -157,6 +159,8 @@ def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
     total = 0
     fresh = False
     rel = bnorm / denom
+    prev_rel = rel
+    stalled = torch.zeros(B, dtype=torch.bool, device=dev)
     while total < maxiter:
         if x0 is not None or total > 0:
             r = b - matvec(x)
@@ -171,6 +175,12 @@ def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
         done = rel <= tol
         iters = torch.where(done & (iters < 0), torch.full_like(iters, total), iters)
         iters = torch.where(done, iters, torch.full_like(iters, -1))
+        # stagnation: a whole cycle that gained < 1 % means round-off (e.g. a step accurate
+        # only to ~1e-10) bounds the residual; more cycles would only burn VJPs
+        if total > 0:
+            stalled = stalled | (~done & (rel > 0.99 * prev_rel))
+        prev_rel = rel
+        done = done | stalled
         if bool(done.all()):
             break
         V = torch.zeros(B, m + 1, n, dtype=dt, device=dev)  # Krylov basis, rows per instance
@@ -237,7 +247,8 @@ def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
     converged = res <= tol
     # an instance that did not truly converge (or never met the estimate) used every iteration
     iters = torch.where(converged & (iters >= 0), iters, torch.full_like(iters, total))
-    return x, SolveInfo(iters, res, converged, n_mv, "gmres")
+    return x, SolveInfo(iters, res, converged, n_mv, "gmres",
+                        extra={"stagnated": stalled & ~converged})
 
 
 def bicgstab(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e-10,

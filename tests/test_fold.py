@@ -429,3 +429,31 @@ def test_step_returning_wrong_structure():
         fp.fold(lambda s, t: s[0], (xs, xs), theta)
     with pytest.raises(fp.FoldError, match="step must be callable"):
         fp.fold("not a step", xs, theta)
+
+
+def test_stagnating_backward_warns_with_the_round_off_remedy():
+    # a step whose Jacobian is only accurate to ~1e-7 (noise in every evaluation): the folded
+    # GMRES cannot reach 1e-12, stops on stagnation and says why
+    step, solve, truth, theta = linear_problem(B=2, n=20)
+    th = theta.clone().requires_grad_(True)
+    g = torch.Generator().manual_seed(0)
+
+    class NoisyVJP(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, gout):
+            return gout + 1e-7 * gout.norm() * torch.randn(gout.shape, generator=g, dtype=DT)
+
+    def noisy_step(x, t):
+        return step(NoisyVJP.apply(x), t)
+
+    xs = solve(theta)
+    x, info = fp.fold(noisy_step, xs, th, tol=1e-12, return_info=True)
+    with pytest.warns(fp.FoldConvergenceWarning, match="stagnated"):
+        x.backward(torch.ones_like(xs))
+    assert int(info.backward_iterations.max()) < 200
+    rel = (th.grad - truth(torch.ones_like(xs))).norm() / truth(torch.ones_like(xs)).norm()
+    assert rel < 1e-5

@@ -161,6 +161,7 @@ def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
     rel = bnorm / denom
     prev_rel = rel
     stalled = torch.zeros(B, dtype=torch.bool, device=dev)
+    best_x, best_rel = x, torch.full_like(rel, math.inf)
     while total < maxiter:
         if x0 is not None or total > 0:
             r = b - matvec(x)
@@ -180,6 +181,10 @@ def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
         if total > 0:
             stalled = stalled | (~done & (rel > 0.99 * prev_rel))
         prev_rel = rel
+        # at the noise floor the true residual fluctuates: keep each instance's best iterate
+        better = rel < best_rel
+        best_x = torch.where(better.unsqueeze(1), x, best_x)
+        best_rel = torch.where(better, rel, best_rel)
         done = done | stalled
         if bool(done.all()):
             break
@@ -244,6 +249,9 @@ def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
     else:
         res = _residual(matvec, b, x, bnorm)
         n_mv += 1
+    worse = best_rel < res
+    x = torch.where(worse.unsqueeze(1), best_x, x)
+    res = torch.where(worse, best_rel, res)
     converged = res <= tol
     # an instance that did not truly converge (or never met the estimate) used every iteration
     iters = torch.where(converged & (iters >= 0), iters, torch.full_like(iters, total))

@@ -195,3 +195,22 @@ def test_gmres_stops_on_stagnation_instead_of_burning_maxiter():
     # the answer is still as good as the operator allows
     rel = (x - torch.linalg.solve(A, b)).norm(dim=1) / torch.linalg.solve(A, b).norm(dim=1)
     assert rel.max() < 1e-5
+
+
+def test_gmres_returns_its_best_iterate_at_the_noise_floor():
+    # with a noisy operator the true residual fluctuates once it reaches the noise floor:
+    # the returned x must be the best one seen, with its own (true) residual
+    A, b = contraction_system(B=3, n=30, rho=0.8, seed=11)
+    g = torch.Generator().manual_seed(1)
+
+    def noisy(v):
+        out = torch.einsum("bij,bj->bi", A, v)
+        return out + 1e-6 * v.norm(dim=1, keepdim=True) * torch.randn(out.shape, generator=g,
+                                                                       dtype=DT)
+
+    x, info = fp.solvers.gmres(noisy, b, tol=1e-14, maxiter=500, restart=5)
+    exact = (b - torch.einsum("bij,bj->bi", A, x)).norm(dim=1) / b.norm(dim=1)
+    # reported residual is a noisy evaluation of the true one: same order, never a claim
+    # of convergence, and the iterate is as good as the operator allows
+    assert not bool(info.converged.any())
+    assert bool((exact < 1e-4).all()) and bool((info.residual < 1e-4).all())

@@ -760,14 +760,17 @@ def test_steps_keep_dtype_float32_and_match_float64():
     P, q, A, l, u = _general_qp(B=2)
     w = torch.randn(2, 8, dtype=DT)
 
-    def solve(dt, tol):
+    def solve(dt, tol, backward_tol):
         Pl, ql, Al = leaves(P.to(dt), q.to(dt), A.to(dt))
         x, finfo, qinfo = S.qp(Pl, ql, Al, l.to(dt), u.to(dt), return_info=True,
-                               admm_options={"tol": tol}, backward_tol=tol, strict=True)
+                               admm_options={"tol": tol}, backward_tol=backward_tol,
+                               strict=True)
         return x, torch.autograd.grad((x * w.to(dt)).sum(), [Pl, ql, Al]), qinfo
 
-    x32, g32, info32 = solve(torch.float32, 1e-6)
-    x64, g64, _ = solve(DT, 1e-12)
+    # float32: the backward residual's own round-off floor is ~1e-5 here (measured 6e-6 to
+    # 3e-5 depending on the cotangent), so 1e-4 is the honest tolerance to ask for
+    x32, g32, info32 = solve(torch.float32, 1e-6, 1e-4)
+    x64, g64, _ = solve(DT, 1e-12, 1e-12)
     assert x32.dtype == torch.float32 and all(t.dtype == torch.float32 for t in g32)
     assert all(st == "solved" for st in info32.status)
     err_x = rel(x32.double(), x64)

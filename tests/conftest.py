@@ -7,10 +7,12 @@ import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Small ops: torch's OpenMP threads only slow them down on a shared 2-core machine."""
+def _one_thread_and_seed():
+    """One torch thread (small ops: OpenMP threads only slow them down on a shared 2-core
+    machine) and a fixed global seed, so no test depends on the order tests run in."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
+    torch.manual_seed(0)
     yield
     torch.set_num_threads(n)
 

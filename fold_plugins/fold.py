@@ -318,7 +318,10 @@ class _Backward:
 
     def _record(self, s: SolveInfo, count: int) -> None:
         info = self.info
-        info.backward_solver = self.solver_name
+        # a dispatching solver (``auto``) names what actually ran: "auto (dense)"
+        ran = s.solver
+        info.backward_solver = (self.solver_name if not ran or ran == self.solver_name
+                                else f"{self.solver_name} ({ran})")
         info.backward_iterations = s.iterations
         info.backward_residual = s.residual
         info.backward_converged = s.converged
@@ -387,8 +390,8 @@ def fold(step: Callable, x_star: State, *params: Any, solver: str | Callable = "
             is ignored (detached).
         *params: tensors the step depends on explicitly (any other values pass through).
         solver: backward solver: ``"gmres"`` (default), ``"bicgstab"``, ``"dense"``,
-            ``"fixed_point"`` (what unrolling computes), or a callable with the
-            :mod:`fold_plugins.solvers` protocol.
+            ``"fixed_point"`` (what unrolling computes), ``"auto"`` (dense for small
+            states, else gmres), or a callable with the :mod:`fold_plugins.solvers` protocol.
         tol: relative residual per instance for the backward solve (floored at 50·eps).
         maxiter: backward iteration cap (solver default when ``None``).
         batched: dim 0 of every state tensor is the batch; each instance's system is solved

@@ -214,3 +214,15 @@ def test_gmres_returns_its_best_iterate_at_the_noise_floor():
     # of convergence, and the iterate is as good as the operator allows
     assert not bool(info.converged.any())
     assert bool((exact < 1e-4).all()) and bool((info.residual < 1e-4).all())
+
+
+def test_auto_picks_dense_for_small_and_gmres_for_large_systems():
+    A, b = contraction_system(B=2, n=12)
+    x, info = fp.solvers.auto(MatOp(A), b, tol=1e-12)
+    assert info.solver == "dense"
+    assert torch.allclose(x, torch.linalg.solve(A, b), atol=1e-12)
+    big = fp.solvers.AUTO_DENSE_MAX_N + 1
+    A2, b2 = contraction_system(B=1, n=big, rho=0.5, seed=2)
+    x2, info2 = fp.solvers.auto(MatOp(A2), b2, tol=1e-12)
+    assert info2.solver == "gmres" and bool(info2.converged.all())
+    assert torch.allclose(x2, torch.linalg.solve(A2, b2), atol=1e-10)

@@ -165,9 +165,13 @@ def _measure(method: Method, call: Callable, qp: QP, g: torch.Tensor, truth: tor
     pt.error = max_rel_err(grad, truth)
     pt.iterations = iters
     pt.backward_converged = converged
-    repeats = cfg.repeats if first <= budget else 1
+    # slow points get fewer repeats (their spread is small relative to their time): full
+    # repeats up to 2 s a call, 3 up to the budget, 1 beyond it (larger sizes then skipped)
+    repeats = cfg.repeats if first <= 2.0 else (min(3, cfg.repeats) if first <= budget else 1)
     pt.timing = time_phases(lambda s: once(s), cfg.device, repeats=repeats,
                             warmup=max(0, cfg.warmup - 1))
+    if repeats < cfg.repeats:
+        pt.timing.note = f"median of {repeats} (first call {first:.1f} s)"
     if first > budget:
         pt.timing.note = f"one timed call (first call {first:.1f} s > budget {budget:.0f} s)"
         method.over_budget.append((qp.n, qp.batch))

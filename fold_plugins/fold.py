@@ -319,14 +319,14 @@ class _Backward:
     def _record(self, s: SolveInfo, count: int) -> None:
         info = self.info
         # a dispatching solver (``auto``) names what actually ran: "auto (dense)"
-        ran = s.solver
+        ran = getattr(s, "solver", "")
         info.backward_solver = (self.solver_name if not ran or ran == self.solver_name
                                 else f"{self.solver_name} ({ran})")
         info.backward_iterations = s.iterations
         info.backward_residual = s.residual
         info.backward_converged = s.converged
         info.backward_matvecs = count
-        if s.diverged is not None:
+        if getattr(s, "diverged", None) is not None:
             info.extra["backward_diverged"] = s.diverged
 
     def _judge(self, s: SolveInfo) -> None:
@@ -337,11 +337,12 @@ class _Backward:
             remedy = ("the step's vector-Jacobian product is NaN/Inf at x_star (a point where "
                       "the step is not differentiable, e.g. sqrt or norm at 0): make the step "
                       "differentiable there")
-        elif bool(s.extra.get("stagnated", torch.zeros(1, dtype=torch.bool)).any()):
+        elif bool(getattr(s, "extra", {}).get("stagnated", torch.zeros(1, dtype=torch.bool))
+                  .any()):
             remedy = ("the residual stagnated: the step's VJP is only accurate to about that "
                       "level (round-off inside the step), so loosen tol to it or compute the "
                       "step more accurately (e.g. float64)")
-        elif s.diverged is not None and bool(s.diverged.any()):
+        elif getattr(s, "diverged", None) is not None and bool(s.diverged.any()):
             remedy = ("the fixed-point iteration diverged, so ρ(Φ) ≥ 1 for that step: use "
                       "solver='gmres' (or 'dense' for small states)")
         elif self.solver_name == "fixed_point":

@@ -457,3 +457,26 @@ def test_stagnating_backward_warns_with_the_round_off_remedy():
     assert int(info.backward_iterations.max()) < 200
     rel = (th.grad - truth(torch.ones_like(xs))).norm() / truth(torch.ones_like(xs)).norm()
     assert rel < 1e-5
+
+
+def test_user_solver_callable_with_minimal_info():
+    # a user's own solver: the protocol needs only iterations/residual/converged in its info
+    from types import SimpleNamespace
+
+    step, solve, truth, theta = linear_problem(B=2)
+    th = theta.clone().requires_grad_(True)
+
+    def lu_solver(matvec, b, *, x0=None, tol=1e-10, maxiter=None):
+        n = b.shape[1]
+        cols = torch.stack([matvec(torch.eye(n, dtype=b.dtype)[j].expand_as(b))
+                            for j in range(n)], dim=2)
+        x = torch.linalg.solve(cols, b)
+        res = (b - torch.einsum("bij,bj->bi", cols, x)).norm(dim=1) / b.norm(dim=1)
+        return x, SimpleNamespace(iterations=torch.full((b.shape[0],), n), residual=res,
+                                  converged=res <= tol)
+
+    x, info = fp.fold(step, solve(theta), th, solver=lu_solver, return_info=True)
+    gout = torch.randn_like(x)
+    (g,) = torch.autograd.grad(x, th, gout)
+    assert torch.allclose(g, truth(gout), rtol=1e-10, atol=1e-12)
+    assert info.backward_solver == "lu_solver" and bool(info.backward_converged.all())

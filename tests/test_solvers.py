@@ -177,17 +177,24 @@ def test_gmres_unreachable_tol_is_reported_honestly():
     assert bool(((info.iterations == 240) | stag)[~info.converged].all())
 
 
+def noisy_op(A, scale, seed):
+    """``v ↦ A v`` plus relative noise of size ``scale`` in every application (like round-off
+    inside a float32 step)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def apply(v):
+        out = torch.einsum("bij,bj->bi", A, v)
+        noise = torch.randn(out.shape, generator=g, dtype=DT)
+        return out + scale * v.norm(dim=1, keepdim=True) * noise
+
+    return apply
+
+
 def test_gmres_stops_on_stagnation_instead_of_burning_maxiter():
     # an operator accurate only to ~1e-7 (noise in every application, like round-off in a
     # float32 step): the residual cannot go below ~1e-7, so GMRES must stop early and say so
     A, b = contraction_system(B=2, n=30, rho=0.8, seed=7)
-    g = torch.Generator().manual_seed(0)
-
-    def noisy(v):
-        out = torch.einsum("bij,bj->bi", A, v)
-        return out + 1e-7 * v.norm(dim=1, keepdim=True) * torch.randn(out.shape, generator=g,
-                                                                       dtype=DT)
-
+    noisy = noisy_op(A, 1e-7, seed=0)
     x, info = fp.solvers.gmres(noisy, b, tol=1e-12, maxiter=3000, restart=10)
     assert not bool(info.converged.any())
     assert bool(info.extra["stagnated"].all())
@@ -201,13 +208,7 @@ def test_gmres_returns_its_best_iterate_at_the_noise_floor():
     # with a noisy operator the true residual fluctuates once it reaches the noise floor:
     # the returned x must be the best one seen, with its own (true) residual
     A, b = contraction_system(B=3, n=30, rho=0.8, seed=11)
-    g = torch.Generator().manual_seed(1)
-
-    def noisy(v):
-        out = torch.einsum("bij,bj->bi", A, v)
-        return out + 1e-6 * v.norm(dim=1, keepdim=True) * torch.randn(out.shape, generator=g,
-                                                                       dtype=DT)
-
+    noisy = noisy_op(A, 1e-6, seed=1)
     x, info = fp.solvers.gmres(noisy, b, tol=1e-14, maxiter=500, restart=5)
     exact = (b - torch.einsum("bij,bj->bi", A, x)).norm(dim=1) / b.norm(dim=1)
     # reported residual is a noisy evaluation of the true one: same order, never a claim

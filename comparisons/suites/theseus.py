@@ -459,11 +459,7 @@ def _methods(th) -> dict[str, tuple[Callable, dict]]:
     from adapters.theseus import FoldedTheseusLayer
 
     return {
-        "theseus unroll": (th.TheseusLayer, {"backward_mode": "unroll"}),
-        "theseus implicit": (th.TheseusLayer, {"backward_mode": "implicit"}),
-        "theseus truncated (5)": (th.TheseusLayer, {"backward_mode": "truncated",
-                                                    "backward_num_iterations": 5}),
-        "theseus dlm": (th.TheseusLayer, {"backward_mode": "dlm"}),
+        **_methods_theseus_only(th),
         "folded (GN step, gmres)": (lambda opt: FoldedTheseusLayer(opt), {}),
         "folded (newton step)": (lambda opt: FoldedTheseusLayer(opt, step="newton"), {}),
         "folded (newton step, fixed_point)": (

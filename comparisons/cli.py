@@ -57,7 +57,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       help="small sizes, < 10 minutes on 2 cores (default)")
     size.add_argument("--full", dest="mode", action="store_const", const="full",
                       help="the full sizes (n up to 1000, batch up to 128); run on a quiet "
-                           "machine")
+                           "machine: on 2 cores theseus + learning take ~7 min and scaling "
+                           "alone well over 30 min (cvxpylayers at n = 1000)")
     size.add_argument("--tiny", dest="mode", action="store_const", const="tiny",
                       help="smallest sizes (seconds): for tests and development only")
     p.set_defaults(mode="quick")

@@ -27,14 +27,6 @@ from comparisons.problems import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _tiny(tmp_path) -> Config:
     return Config(mode="tiny", out=tmp_path, progress=False)
 

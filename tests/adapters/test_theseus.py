@@ -63,6 +63,20 @@ def theseus_grad(optimizer, inputs: dict, wrt: torch.Tensor, loss_fn, mode: str)
     return g
 
 
+def folded_and_implicit(make, key: str, data: torch.Tensor, init: dict, loss_fn,
+                        steps=("auto", "newton")):
+    """Gradients of ``loss_fn`` w.r.t. the input ``key`` = ``data``: ``{step: (grad, info)}``
+    through ``FoldedTheseusLayer(make(), step=step)``, and Theseus's own ``implicit`` one."""
+    folded = {}
+    for step in steps:
+        d = data.clone().requires_grad_(True)
+        values, info = FoldedTheseusLayer(make(), step=step)({key: d, **init})
+        (g,) = torch.autograd.grad(loss_fn(values).sum(), d)
+        folded[step] = (g, info)
+    d = data.clone().requires_grad_(True)
+    return folded, theseus_grad(make(), {key: d, **init}, d, loss_fn, "implicit")
+
+
 # ----------------------------------------------------------------------------- problems
 
 EXP_N = 20
@@ -298,13 +312,9 @@ def test_se2_registration_noisy_targets(linear_solver_cls):
     make, q, init, loss = registration("SE2", noise=0.3, linear_solver_cls=linear_solver_cls)
     ref = th.TheseusLayer(make())
     fd = fd_per_instance(lambda qs: loss(ref({"q": qs, **init(qs.shape[0])})[0]), q)
-    for step in ("auto", "newton"):
-        qq = q.clone().requires_grad_(True)
-        values, _ = FoldedTheseusLayer(make(), step=step)({"q": qq, **init(1)})
-        (g,) = torch.autograd.grad(loss(values).sum(), qq)
+    folded, g_impl = folded_and_implicit(make, "q", q, init(1), loss)
+    for g, _ in folded.values():
         assert rel_err(g, fd) <= REL_TOL
-    qq = q.clone().requires_grad_(True)
-    g_impl = theseus_grad(make(), {"q": qq, **init(1)}, qq, loss, "implicit")
     assert rel_err(g_impl, fd) >= 1e-2
 
 
@@ -763,14 +773,10 @@ def test_se2_batch_per_instance_targets():
                                dtype=DT)
     ref = th.TheseusLayer(make())
     fd = fd_per_instance(lambda qs: loss(ref({"q": qs, **init(qs.shape[0])})[0]), qb)
-    for step in ("auto", "newton"):
-        qq = qb.clone().requires_grad_(True)
-        values, info = FoldedTheseusLayer(make(), step=step)({"q": qq, **init(B)})
-        (g,) = torch.autograd.grad(loss(values).sum(), qq)
+    folded, g_impl = folded_and_implicit(make, "q", qb, init(B), loss)
+    for g, info in folded.values():
         assert float(((g - fd).norm(dim=1) / fd.norm(dim=1)).max()) <= REL_TOL
         assert bool(info.fold_info.converged.all())
-    qq = qb.clone().requires_grad_(True)
-    g_impl = theseus_grad(make(), {"q": qq, **init(B)}, qq, loss, "implicit")
     assert float(((g_impl - fd).norm(dim=1) / fd.norm(dim=1)).min()) >= 1e-2
 
 
@@ -798,13 +804,9 @@ def test_robust_huber_cost():
     y[:, [3, 11, 17]] += torch.tensor([3.0, -2.5, 4.0], dtype=DT)  # outliers
     ref = th.TheseusLayer(huber_optimizer())
     fd = fd_per_instance(lambda ys: exp_loss(ref({"y": ys, **exp_init(ys.shape[0])})[0]), y)
-    for step in ("auto", "newton"):
-        yy = y.clone().requires_grad_(True)
-        values, _ = FoldedTheseusLayer(huber_optimizer(), step=step)({"y": yy, **exp_init(2)})
-        (g,) = torch.autograd.grad(exp_loss(values).sum(), yy)
+    folded, g_impl = folded_and_implicit(huber_optimizer, "y", y, exp_init(2), exp_loss)
+    for g, _ in folded.values():
         assert rel_err(g, fd) <= REL_TOL
-    yy = y.clone().requires_grad_(True)
-    g_impl = theseus_grad(huber_optimizer(), {"y": yy, **exp_init(2)}, yy, exp_loss, "implicit")
     assert rel_err(g_impl, fd) >= 1e-2
 
 

@@ -1,6 +1,6 @@
 """cvxpylayers reference: a cvxpy problem as a differentiable torch function (cross-checks).
 
-    from adapters.cvxpylayers import cvxpylayers_reference
+    from fold_plugins.adapters.cvxpylayers import cvxpylayers_reference
     ref = cvxpylayers_reference(problem, [q, b], [x])          # tight tolerances by default
     (x_star,) = ref(q_t, b_t)                                   # (B, n) float64, differentiable
 

@@ -14,7 +14,7 @@ back to θ through the adjoint of cvxpy's parameter→(c, A, b) map (``apply_par
 the reductions' own ``var_backward``/``param_backward`` (for lowered parameters and
 variables). The solution is read off with ``split_solution``.
 
-    from adapters.diffcp import diffcp_reference
+    from fold_plugins.adapters.diffcp import diffcp_reference
     ref = diffcp_reference(problem, [q, b], [x])
     (x_star,) = ref(q_t, b_t)
 
@@ -46,7 +46,7 @@ class DiffcpReference:
 
     Attributes:
         solve_method: diffcp's forward solver (``"SCS"`` or ``"Clarabel"``); ``solver`` holds
-            the same choice upper-cased, as in :class:`adapters.cvxpylayers.CvxpyLayersReference`.
+            the same choice upper-cased, as in :class:`fold_plugins.adapters.cvxpylayers.CvxpyLayersReference`.
         mode: diffcp's derivative mode (``"dense"``: dense factorisation of the derivative
             system; ``"lsqr"``: iterative).
         solver_args: keywords for the solver.
@@ -179,7 +179,7 @@ class DiffcpReference:
 
 
 def _resolve_solver(solver: str | None, solve_method: str | None) -> str:
-    """``solver`` (the name :func:`adapters.cvxpylayers.cvxpylayers_reference` uses) or its
+    """``solver`` (the name :func:`fold_plugins.adapters.cvxpylayers.cvxpylayers_reference` uses) or its
     alias ``solve_method`` (diffcp's own name); default ``"SCS"``."""
     if solver is not None and solve_method is not None and \
             str(solver).upper() != str(solve_method).upper():
@@ -279,17 +279,17 @@ def diffcp_reference(problem: Any, parameters: Sequence[Any], variables: Sequenc
         solve_method: diffcp's forward solver, ``"SCS"`` (default) or ``"CLARABEL"``
             (case-insensitive); an alias of ``solver``.
         solver_args: overrides of the tight defaults in
-            :data:`adapters.cvxpylayers.TIGHT_SOLVER_ARGS` (e.g. ``eps_abs``, ``max_iters``).
+            :data:`fold_plugins.adapters.cvxpylayers.TIGHT_SOLVER_ARGS` (e.g. ``eps_abs``, ``max_iters``).
         mode: diffcp's derivative mode, ``"dense"`` (default, exact for small problems),
             ``"lsqr"`` or ``"lsmr"``.
 
         solver: the same setting under the name
-            :func:`adapters.cvxpylayers.cvxpylayers_reference` uses (``solver="CLARABEL"``);
+            :func:`fold_plugins.adapters.cvxpylayers.cvxpylayers_reference` uses (``solver="CLARABEL"``);
             giving both with different values raises ``ValueError``.
 
     Returns:
         ``ref(*params) -> tuple[Tensor, ...]``; shapes as for
-        :func:`adapters.cvxpylayers.cvxpylayers_reference` (a leading batch dim on any
+        :func:`fold_plugins.adapters.cvxpylayers.cvxpylayers_reference` (a leading batch dim on any
         parameter batches the call; instances are solved one after another).
     """
     return DiffcpReference(problem, parameters, variables, solve_method=solve_method,

@@ -4,8 +4,8 @@ Each builder returns a :class:`CrossCheckCase` holding batched float64 parameter
 ``folded(*params)`` function (a forward solver — cvxpy with Clarabel, OSQP, or the library's
 own forward driver — then :func:`fold_plugins.fold` with a library step) and, for convex
 problems, ``build_cvxpy()`` returning ``(problem, parameters, variables)`` in the same
-parameter order, ready for :func:`adapters.cvxpylayers.cvxpylayers_reference` and
-:func:`adapters.diffcp.diffcp_reference`. The nonconvex DC3 case has no cvxpy form; its
+parameter order, ready for :func:`fold_plugins.adapters.cvxpylayers.cvxpylayers_reference` and
+:func:`fold_plugins.adapters.diffcp.diffcp_reference`. The nonconvex DC3 case has no cvxpy form; its
 reference is finite differences of ``folded`` itself.
 
     from comparisons.cases import CASES

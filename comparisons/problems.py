@@ -239,7 +239,7 @@ def unroll(step: Callable[..., Tensor], x0: Tensor, *params: Any, n_iter: int,
            keep: set[int] | None = None) -> tuple[Tensor, dict[int, Tensor]]:
     """``n_iter`` steps of ``step`` with the autograd graph kept (plain unrolling).
 
-    Uses ``adapters.unrolled.unroll`` when that module is importable (the project's
+    Uses ``fold_plugins.adapters.unrolled.unroll`` when that module is importable (the project's
     reference), otherwise the same loop inline. ``keep``: iteration counts whose iterates
     are also returned (for error-vs-K curves; computed inline).
 
@@ -248,7 +248,7 @@ def unroll(step: Callable[..., Tensor], x0: Tensor, *params: Any, n_iter: int,
     """
     if not keep:
         try:
-            from adapters.unrolled import unroll as _unroll
+            from fold_plugins.adapters.unrolled import unroll as _unroll
         except ImportError:
             _unroll = None
         if _unroll is not None:

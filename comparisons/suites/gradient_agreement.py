@@ -4,9 +4,9 @@ For every case of ``comparisons.cases`` (one row each), the folded gradient — 
 forward (cvxpy/Clarabel, OSQP or the library's own driver) followed by ``fp.fold`` of a library
 step — is compared with ``fold_plugins.verify.compare_gradients`` against:
 
-* **cvxpylayers (SCS)** and **cvxpylayers (Clarabel)** — ``adapters.cvxpylayers`` (diffcp
+* **cvxpylayers (SCS)** and **cvxpylayers (Clarabel)** — ``fold_plugins.adapters.cvxpylayers`` (diffcp
   backend, tight tolerances, dense derivative);
-* **diffcp** — ``adapters.diffcp``: cvxpy's cone-program data and diffcp's adjoint derivative
+* **diffcp** — ``fold_plugins.adapters.diffcp``: cvxpy's cone-program data and diffcp's adjoint derivative
   directly, not through cvxpylayers;
 * **finite differences** — central differences (float64) of the folded function itself, i.e.
   of the blackbox forward solve.
@@ -29,8 +29,8 @@ REFERENCES = ("cvxpylayers (SCS)", "cvxpylayers (Clarabel)", "diffcp", "finite d
 
 
 def _reference(name: str, case):
-    from adapters.cvxpylayers import cvxpylayers_reference
-    from adapters.diffcp import diffcp_reference
+    from fold_plugins.adapters.cvxpylayers import cvxpylayers_reference
+    from fold_plugins.adapters.diffcp import diffcp_reference
 
     problem, parameters, variables = case.build_cvxpy()
     if name == "cvxpylayers (SCS)":

@@ -10,7 +10,7 @@ Methods (each measured on the same instances in the same run):
   under ``torch.no_grad()``, then ``fp.fold(pgd_step, x*, q, solver=...)``; backward: the
   folded solve (tolerance 1e-10).
 * **unrolled K=100 / K=500** — ``K`` projected-gradient steps from 0 with the autograd graph
-  (``adapters.unrolled.unroll``), backward through all of them.
+  (``fold_plugins.adapters.unrolled.unroll``), backward through all of them.
 * **cvxpylayers** — ``CvxpyLayer`` (diffcp backend, SCS with its default tolerances, one job),
   the QP written as ``½‖Lᵀx‖² + qᵀx`` with ``P = LLᵀ``; in ``--full`` also with SCS at
   ``eps_abs = eps_rel = 1e-9`` (tolerances comparable to the folded forward's) and with

@@ -27,7 +27,7 @@ through the residuals written here in plain torch (Theseus's conventions, checke
 cost-function errors), at an x* polished by one Newton step; it is itself checked against
 central differences along random directions of ``μ``. Methods:
 ``th.TheseusLayer`` with ``backward_mode`` ``unroll``, ``implicit``, ``truncated`` (5
-iterations) and ``dlm``; ``adapters.theseus.FoldedTheseusLayer`` with its default step
+iterations) and ``dlm``; ``fold_plugins.adapters.theseus.FoldedTheseusLayer`` with its default step
 (Gauss-Newton, GMRES backward), with ``step="newton"`` (GMRES backward), and with
 ``step="newton", backward="fixed_point"`` (``Φ = 0`` at x*: the backward is one VJP). Baseline
 of the time ratios: Theseus ``implicit``.
@@ -456,7 +456,7 @@ def _directional_fd(prob: Problem, grad: torch.Tensor) -> float:
 
 def _methods(th) -> dict[str, tuple[Callable, dict]]:
     """name → (layer factory from an optimizer, optimizer_kwargs)."""
-    from adapters.theseus import FoldedTheseusLayer
+    from fold_plugins.adapters.theseus import FoldedTheseusLayer
 
     return {
         **_methods_theseus_only(th),
@@ -484,7 +484,7 @@ def run(cfg: Config) -> SuiteResult:
     try:
         methods = _methods(th)
     except ImportError as e:
-        res.errors.append(f"adapters.theseus.FoldedTheseusLayer is not importable: {e}")
+        res.errors.append(f"fold_plugins.adapters.theseus.FoldedTheseusLayer is not importable: {e}")
         methods = {k: v for k, v in _methods_theseus_only(th).items()}
     table_rows: dict[str, dict[str, dict]] = {}
     truths: dict[str, dict] = {}

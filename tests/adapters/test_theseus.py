@@ -20,7 +20,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=".*skparse.cholmod.*")
     th = pytest.importorskip("theseus")
 
-from adapters.theseus import FoldedTheseusLayer  # noqa: E402
+from fold_plugins.adapters.theseus import FoldedTheseusLayer  # noqa: E402
 
 DT = torch.float64
 # Theseus stops on a relative change of ½‖r‖², which leaves steps of ~1e-9 (Δerr ~ δ²); with
@@ -679,7 +679,7 @@ def test_float32_well_posed_pose_graph(prior_scale):
 
 def test_rcond_estimate_against_exact():
     """The factor-based estimate of 1/(‖M‖₁‖M⁻¹‖₁) against torch.linalg.cond(M, 1)."""
-    from adapters.theseus import _rcond_estimate
+    from fold_plugins.adapters.theseus import _rcond_estimate
 
     g = torch.Generator().manual_seed(0)
     n = 12

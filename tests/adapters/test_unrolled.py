@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fold_plugins as fp
-from adapters.unrolled import FoldedLoop, UnrollingDiagnosis, folded, truncated, unroll
+from fold_plugins.adapters.unrolled import FoldedLoop, UnrollingDiagnosis, folded, truncated, unroll
 from fold_plugins.fold import linearize
 
 DT = torch.float64

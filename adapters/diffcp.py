@@ -46,7 +46,7 @@ class DiffcpReference:
 
     Attributes:
         solve_method: diffcp's forward solver (``"SCS"`` or ``"Clarabel"``); ``solver`` holds
-            the same choice upper-cased, as in :class:`fold_plugins.adapters.cvxpylayers.CvxpyLayersReference`.
+            the same choice upper-cased, as in :class:`.cvxpylayers.CvxpyLayersReference`.
         mode: diffcp's derivative mode (``"dense"``: dense factorisation of the derivative
             system; ``"lsqr"``: iterative).
         solver_args: keywords for the solver.
@@ -179,7 +179,7 @@ class DiffcpReference:
 
 
 def _resolve_solver(solver: str | None, solve_method: str | None) -> str:
-    """``solver`` (the name :func:`fold_plugins.adapters.cvxpylayers.cvxpylayers_reference` uses) or its
+    """``solver`` (the name :func:`.cvxpylayers.cvxpylayers_reference` uses) or its
     alias ``solve_method`` (diffcp's own name); default ``"SCS"``."""
     if solver is not None and solve_method is not None and \
             str(solver).upper() != str(solve_method).upper():
@@ -279,12 +279,12 @@ def diffcp_reference(problem: Any, parameters: Sequence[Any], variables: Sequenc
         solve_method: diffcp's forward solver, ``"SCS"`` (default) or ``"CLARABEL"``
             (case-insensitive); an alias of ``solver``.
         solver_args: overrides of the tight defaults in
-            :data:`fold_plugins.adapters.cvxpylayers.TIGHT_SOLVER_ARGS` (e.g. ``eps_abs``, ``max_iters``).
+            :data:`.cvxpylayers.TIGHT_SOLVER_ARGS` (e.g. ``eps_abs``, ``max_iters``).
         mode: diffcp's derivative mode, ``"dense"`` (default, exact for small problems),
             ``"lsqr"`` or ``"lsmr"``.
 
         solver: the same setting under the name
-            :func:`fold_plugins.adapters.cvxpylayers.cvxpylayers_reference` uses (``solver="CLARABEL"``);
+            :func:`.cvxpylayers.cvxpylayers_reference` uses (``solver="CLARABEL"``);
             giving both with different values raises ``ValueError``.
 
     Returns:

@@ -91,8 +91,9 @@ def _import_theseus():
             import theseus as th
     except ImportError as exc:  # pragma: no cover - exercised only without theseus
         raise ImportError(
-            "fold_plugins.adapters.theseus needs theseus-ai (0.2.3): pip install torchlie torchkin and "
-            "`pip install --no-deps --no-build-isolation theseus-ai==0.2.3` (see DESIGN.md)."
+            "fold_plugins.adapters.theseus needs theseus-ai (0.2.3): pip install torchlie "
+            "torchkin and `pip install --no-deps --no-build-isolation theseus-ai==0.2.3` "
+            "(see the README, 'Installing')."
         ) from exc
     return th
 

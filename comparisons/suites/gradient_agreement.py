@@ -4,9 +4,9 @@ For every case of ``comparisons.cases`` (one row each), the folded gradient — 
 forward (cvxpy/Clarabel, OSQP or the library's own driver) followed by ``fp.fold`` of a library
 step — is compared with ``fold_plugins.verify.compare_gradients`` against:
 
-* **cvxpylayers (SCS)** and **cvxpylayers (Clarabel)** — ``fold_plugins.adapters.cvxpylayers`` (diffcp
+* **cvxpylayers (SCS)** and **cvxpylayers (Clarabel)** — ``adapters.cvxpylayers`` (diffcp
   backend, tight tolerances, dense derivative);
-* **diffcp** — ``fold_plugins.adapters.diffcp``: cvxpy's cone-program data and diffcp's adjoint derivative
+* **diffcp** — ``adapters.diffcp``: cvxpy's cone-program data and diffcp's adjoint derivative
   directly, not through cvxpylayers;
 * **finite differences** — central differences (float64) of the folded function itself, i.e.
   of the blackbox forward solve.

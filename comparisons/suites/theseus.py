@@ -484,7 +484,7 @@ def run(cfg: Config) -> SuiteResult:
     try:
         methods = _methods(th)
     except ImportError as e:
-        res.errors.append(f"fold_plugins.adapters.theseus.FoldedTheseusLayer is not importable: {e}")
+        res.errors.append(f"FoldedTheseusLayer is not importable: {e}")
         methods = {k: v for k, v in _methods_theseus_only(th).items()}
     table_rows: dict[str, dict[str, dict]] = {}
     truths: dict[str, dict] = {}

@@ -10,9 +10,9 @@ cp = pytest.importorskip("cvxpy")
 pytest.importorskip("diffcp")
 pytest.importorskip("cvxpylayers")
 
+from fold_plugins import FoldError  # noqa: E402
 from fold_plugins.adapters.cvxpylayers import cvxpylayers_reference  # noqa: E402
 from fold_plugins.adapters.diffcp import diffcp_reference  # noqa: E402
-from fold_plugins import FoldError  # noqa: E402
 from fold_plugins.verify import assert_gradients_close, compare_gradients  # noqa: E402
 
 F64 = torch.float64

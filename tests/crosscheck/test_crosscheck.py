@@ -19,10 +19,10 @@ pytest.importorskip("cvxpylayers")
 pytest.importorskip("osqp")
 
 import fold_plugins as fp  # noqa: E402
-from fold_plugins.adapters.cvxpylayers import cvxpylayers_reference  # noqa: E402
-from fold_plugins.adapters.diffcp import diffcp_reference  # noqa: E402
 from comparisons.cases import CASES, general_qp  # noqa: E402
 from fold_plugins import FoldConvergenceWarning, FoldError  # noqa: E402
+from fold_plugins.adapters.cvxpylayers import cvxpylayers_reference  # noqa: E402
+from fold_plugins.adapters.diffcp import diffcp_reference  # noqa: E402
 from fold_plugins.verify import assert_gradients_close, compare_gradients  # noqa: E402
 
 F64 = torch.float64

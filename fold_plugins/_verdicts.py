@@ -1,0 +1,41 @@
+"""Verdicts: what a failed backward solve means, and the remedy a user can act on.
+
+One place decides the wording for every solver, so that the same failure (a singular
+``I − Φ``, round-off stagnation, a divergent fixed-point iteration) reads the same whichever
+solver met it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .solvers import SolveInfo
+
+__all__ = ["backward_remedy"]
+
+
+def backward_remedy(s: SolveInfo, solver_name: str, maxiter: int | None) -> str:
+    """The remedy for the instances of ``s`` that did not converge (one sentence)."""
+    bad = ~s.converged
+    if not bool(torch.isfinite(s.residual[bad]).all()):
+        remedy = ("the step's vector-Jacobian product is NaN/Inf at x_star (a point where "
+                  "the step is not differentiable, e.g. sqrt or norm at 0): make the step "
+                  "differentiable there")
+    elif bool(getattr(s, "extra", {}).get("stagnated", torch.zeros(1, dtype=torch.bool))
+              .any()):
+        remedy = ("the residual stagnated: the step's VJP is only accurate to about that "
+                  "level (round-off inside the step), so loosen tol to it or compute the "
+                  "step more accurately (e.g. float64)")
+    elif getattr(s, "diverged", None) is not None and bool(s.diverged.any()):
+        remedy = ("the fixed-point iteration diverged, so ρ(Φ) ≥ 1 for that step: use "
+                  "solver='gmres' (or 'dense' for small states)")
+    elif solver_name == "fixed_point":
+        remedy = ("it converges slowly (ρ(Φ) near 1): use solver='gmres', or raise "
+                  "maxiter")
+    elif solver_name == "dense":
+        remedy = "I − Φᵀ is ill-conditioned there: check the step size and the problem"
+    else:
+        remedy = (f"raise maxiter (now {maxiter}), loosen tol if the step is only "
+                  "accurate to round-off, use solver='dense' for small states, or "
+                  "precondition the step (e.g. a Newton or scaled step)")
+    return remedy

@@ -15,10 +15,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install $(Q) --upgrade pip setuptools wheel
 	# 1. torch first: this pin takes the CPU build on disk (a bare `torch` pulls CUDA).
 	$(PIP) install $(Q) torch==2.13.0
-	# 2. theseus-ai 0.2.3 is an sdist whose setup.py imports torch: no build isolation.
-	$(PIP) install $(Q) --no-deps --no-build-isolation theseus-ai==0.2.3
-	# 3. the project, editable, with every extra.
+	# 2. the project, editable, with every extra (the theseus extra is theseus-ai's runtime deps).
 	$(PIP) install $(Q) -e '.[theseus,cvx,report,test]'
+	# 3. theseus-ai 0.2.3 last: an sdist whose setup.py imports torch (no build isolation), and
+	#    --no-deps because it requires scikit-sparse, which needs SuiteSparse's C headers. Done
+	#    last, no later pip run re-checks it, so pip prints no dependency "ERROR" for it.
+	$(PIP) install $(Q) --no-deps --no-build-isolation theseus-ai==0.2.3
+	@echo "venv ready. scikit-sparse is intentionally not installed (only Theseus's CholmodSparseSolver needs it; tests that need it skip)."
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

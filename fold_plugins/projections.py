@@ -326,3 +326,7 @@ def polytope(x: Tensor, A: Tensor | None = None, b: Tensor | None = None,
     opts.update(admm_options or {})
     return qp(P, -x, Aq, lq, uq, backward=backward, backward_tol=backward_tol,
               admm_options=opts, strict=strict)
+
+from .prox import elastic_net, group_lasso, nonnegative_l1, soft_threshold  # noqa: E402
+
+__all__ += ["soft_threshold", "elastic_net", "group_lasso", "nonnegative_l1"]

@@ -9,6 +9,7 @@ step                 problem                          state
 ==================== ================================ ====================================
 gradient_descent     min f(x)                         x (B, n)
 projected_gradient   min_{x∈C} f(x)                   x (B, n)
+proximal_gradient    min f(x) + g(x) (prox of g)      x (B, n)
 mirror_descent       min_{x∈simplex} f(x)             x (B, n), x > 0
 newton               min f(x) (smooth)                x (B, n)
 admm_qp              ½xᵀPx+qᵀx, l ≤ Ax ≤ u            (x (B, n), z (B, m), y (B, m))
@@ -31,6 +32,7 @@ from .gradient import (
                        quadratic_step_size,
 )
 from .nlp import SQPInfo, solve_sqp, sqp, sqp_kkt_residual
+from .proximal import proximal_gradient
 from .quadprog import INF, QPInfeasibleError, QPInfo, admm_qp, qp, qp_kkt_residual, solve_qp_admm
 from .tv import TVInfo, difference_matrix, fdpg_tv, solve_tv, tv_denoise, tv_primal
 
@@ -38,4 +40,4 @@ __all__ = ["gradient_descent", "projected_gradient", "mirror_descent", "newton",
            "fdpg_tv", "iterate", "IterateInfo", "minimize_newton", "quadratic_step_size",
            "solve_qp_admm", "qp", "QPInfo", "QPInfeasibleError", "qp_kkt_residual", "INF",
            "solve_sqp", "SQPInfo", "sqp_kkt_residual", "solve_tv", "tv_denoise", "tv_primal",
-           "difference_matrix", "TVInfo", "ShapeError"]
+           "difference_matrix", "TVInfo", "ShapeError", "proximal_gradient"]

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["finite_difference_vjp", "compare_gradients", "assert_gradients_close",
-           "GradientReport", "InputComparison", "FINITE_DIFFERENCES"]
+           "GradientReport", "InputComparison", "FINITE_DIFFERENCES", "reference_name"]
 
 FINITE_DIFFERENCES = "finite_differences"
 _TINY = 1e-30
@@ -284,10 +284,19 @@ def _rel(diff_norm: float, ref_norm: float) -> float:
     return diff_norm / max(ref_norm, _TINY)
 
 
+def reference_name(reference: Any) -> str:
+    """A readable name for a reference: its ``name`` attribute, else ``__name__``, else its
+    type's name (a lambda is "<lambda>": pass ``name=`` to :func:`compare_gradients`)."""
+    found = getattr(reference, "name", None)
+    if not isinstance(found, str) or not found:
+        found = getattr(reference, "__name__", None)
+    return found if isinstance(found, str) and found else type(reference).__name__
+
+
 def compare_gradients(fn: Callable[..., Any], reference: Callable[..., Any] | str, inputs: Any,
                       n_directions: int = 3, seed: int = 0, eps: float = 1e-6,
                       wrt: Sequence[int] | None = None, names: Sequence[str] | None = None,
-                      ) -> GradientReport:
+                      name: str | None = None) -> GradientReport:
     """Compare VJPs of ``fn`` with those of ``reference`` over random cotangents.
 
     Args:
@@ -301,6 +310,8 @@ def compare_gradients(fn: Callable[..., Any], reference: Callable[..., Any] | st
         eps: finite-difference step (only for ``"finite_differences"``).
         wrt: indices of the inputs to compare (default: every floating-point tensor).
         names: labels of the inputs (default ``input[i]``).
+        name: how the report names the reference (e.g. ``"cvxpylayers (SCS)"``); default: the
+            reference's ``name`` attribute, else its ``__name__`` (see :func:`reference_name`).
 
     Returns:
         A :class:`GradientReport`.
@@ -336,7 +347,7 @@ def compare_gradients(fn: Callable[..., Any], reference: Callable[..., Any] | st
             g = finite_difference_vjp(fn, args, cot, eps=eps, wrt=idx)
             vjps_b.append([g[i] for i in idx])
     else:
-        ref_name = getattr(reference, "__name__", type(reference).__name__)
+        ref_name = name or reference_name(reference)
         outs_b, vjps_b, _ = _autograd_vjps(reference, args, idx, cotangents, "reference")
         num = math.sqrt(sum(float(((a.to(torch.float64) - b.to(device=a.device,
                                                                 dtype=torch.float64)) ** 2).sum())
@@ -375,7 +386,8 @@ def assert_gradients_close(fn: Callable[..., Any], reference: Callable[..., Any]
                            inputs: Any, rtol: float = 1e-5, atol: float = 0.0,
                            n_directions: int = 3, seed: int = 0, eps: float = 1e-6,
                            wrt: Sequence[int] | None = None, names: Sequence[str] | None = None,
-                           value_rtol: float | None = None) -> GradientReport:
+                           value_rtol: float | None = None,
+                           name: str | None = None) -> GradientReport:
     """Assert that ``fn``'s VJPs match ``reference``'s: ``‖a − b‖ ≤ atol + rtol‖b‖`` per input.
 
     Args:
@@ -391,7 +403,7 @@ def assert_gradients_close(fn: Callable[..., Any], reference: Callable[..., Any]
         AssertionError: with the report's table in the message.
     """
     report = compare_gradients(fn, reference, inputs, n_directions=n_directions, seed=seed,
-                               eps=eps, wrt=wrt, names=names)
+                               eps=eps, wrt=wrt, names=names, name=name)
     bad = [c.name for c in report.inputs if not c.passes(rtol, atol)]
     msgs = []
     if bad:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ._conditioning import krylov_rcond, not_isolated_threshold, rcond_from_factor, roundoff_floor
 from ._errors import FoldError
 
 __all__ = ["SOLVERS", "SolveInfo", "auto", "bicgstab", "dense", "fixed_point", "get_solver",
@@ -45,6 +46,12 @@ class SolveInfo:
         n_matvec: operator applications of ``A`` in total (one batched call counts once).
         diverged: ``(B,)`` bool, the iteration blew up (only :func:`fixed_point` sets it).
         solver: the solver's name.
+        extra: solver-specific ``(B,)`` flags. Every built-in solver sets
+            ``"not_isolated"`` (bool): ``I − Φ`` is singular to working precision there (the
+            fixed point is not isolated), never counted as converged; and
+            ``"roundoff_floor"``: the relative residual a backward-stable solve can reach in
+            this dtype (an instance whose residual is below it counts as converged even when
+            ``tol`` is smaller). :func:`gmres` adds ``"stagnated"``.
     """
 
     iterations: Tensor
@@ -81,6 +88,35 @@ def _residual(matvec: MatVec, b: Tensor, x: Tensor, bnorm: Tensor) -> Tensor:
     return r.norm(dim=1) / torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
 
 
+def _verdict(matvec: MatVec, b: Tensor, x: Tensor, res: Tensor, tol: float, anorm: Tensor,
+             extra: dict) -> tuple[Tensor, int]:
+    """Final judgement shared by the iterative solvers: ``(converged, extra matvecs)``.
+
+    Where some instance missed ``tol``, a short Arnoldi process
+    (:func:`fold_plugins._conditioning.krylov_rcond`) first tells a singular ``I − Φ`` (the
+    fixed point is not isolated: a gauge) from the rest; those are never converged. An
+    instance that is not singular and whose residual is at the dtype's round-off floor
+    (:func:`fold_plugins._conditioning.roundoff_floor`, capped at ``√eps``) counts as
+    converged: asking for less is asking the impossible, and a warning would be a false alarm.
+    """
+    B, n = b.shape
+    floor = roundoff_floor(anorm, x.norm(dim=1), b.norm(dim=1), n)
+    floor = torch.minimum(floor, torch.full_like(floor, math.sqrt(torch.finfo(b.dtype).eps)))
+    extra["roundoff_floor"] = floor
+    extra["not_isolated"] = torch.zeros(B, dtype=torch.bool, device=b.device)
+    converged = res <= tol
+    missed = ~converged & torch.isfinite(res)
+    if not bool(missed.any()):
+        return converged, 0
+    k = min(n, 40)
+    rc = krylov_rcond(matvec, b, k=k)
+    extra["rcond_estimate"] = rc
+    singular = missed & (rc <= not_isolated_threshold(b.dtype, n))
+    extra["not_isolated"] = singular
+    converged = converged | (missed & ~singular & (res <= floor))
+    return converged, k
+
+
 def fixed_point(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e-10,
                 maxiter: int | None = None, divergence_factor: float = 1e8
                 ) -> tuple[Tensor, SolveInfo]:
@@ -107,20 +143,26 @@ def fixed_point(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: flo
     active = res > tol
     diverged = torch.zeros(B, dtype=torch.bool, device=b.device)
     iters = torch.zeros(B, dtype=torch.int64, device=b.device)
+    anorm = torch.zeros_like(res)  # ‖A‖ ≥ ‖A r‖/‖r‖ = ‖r − r_new‖/‖r‖ for each update r
     k = 0
     while k < maxiter and bool(active.any()):
         k += 1
         x = torch.where(active[:, None], x + r, x)
         r_new = b - matvec(x)
         n_mv += 1
+        rn = r.norm(dim=1)
+        anorm = torch.maximum(anorm, torch.where(rn > 0, (r - r_new).norm(dim=1) / rn.clamp_min(
+            torch.finfo(rn.dtype).tiny), anorm))
         r = torch.where(active[:, None], r_new, r)
         res = r.norm(dim=1) / denom
         iters = torch.where(active, torch.full_like(iters, k), iters)
         blown = active & (~torch.isfinite(res) | (res > divergence_factor))
         diverged |= blown
         active = active & (res > tol) & ~blown
-    converged = (res <= tol) & ~diverged
-    return x, SolveInfo(iters, res, converged, n_mv, "fixed_point", diverged)
+    extra: dict = {}
+    conv, extra_mv = _verdict(matvec, b, x, res, tol, anorm, extra)
+    converged = conv & ~diverged
+    return x, SolveInfo(iters, res, converged, n_mv + extra_mv, "fixed_point", diverged, extra)
 
 
 def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e-10,
@@ -163,6 +205,7 @@ def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
     prev_rel = rel
     stalled = torch.zeros(B, dtype=torch.bool, device=dev)
     best_x, best_rel = x, torch.full_like(rel, math.inf)
+    anorm = torch.zeros_like(rel)  # ‖A‖ ≥ ‖A v‖ for every unit basis vector v
     while total < maxiter:
         if x0 is not None or total > 0:
             r = b - matvec(x)
@@ -206,6 +249,7 @@ def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
             total += 1
             k = j + 1
             w0 = w.norm(dim=1)
+            anorm = torch.maximum(anorm, w0)
             # CGS2: A = I − Φᵀ maps v to nearly v, so one pass cancels heavily; the second
             # pass saves Krylov iterations (each a VJP) on non-normal Φ
             Vj = V[:, :k]
@@ -253,11 +297,12 @@ def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
     worse = best_rel < res
     x = torch.where(worse.unsqueeze(1), best_x, x)
     res = torch.where(worse, best_rel, res)
-    converged = res <= tol
+    extra: dict = {}
+    converged, extra_mv = _verdict(matvec, b, x, res, tol, anorm, extra)
     # an instance that did not truly converge (or never met the estimate) used every iteration
-    iters = torch.where(converged & (iters >= 0), iters, torch.full_like(iters, total))
-    return x, SolveInfo(iters, res, converged, n_mv, "gmres",
-                        extra={"stagnated": stalled & ~converged})
+    iters = torch.where((res <= tol) & (iters >= 0), iters, torch.full_like(iters, total))
+    extra["stagnated"] = stalled & ~converged & ~extra["not_isolated"]
+    return x, SolveInfo(iters, res, converged, n_mv + extra_mv, "gmres", extra=extra)
 
 
 def bicgstab(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e-10,
@@ -265,7 +310,9 @@ def bicgstab(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float 
     """BiCGStab (van der Vorst), batched with per-instance scalars; two applications per iteration.
 
     Short recurrences (memory O(B·n), independent of the iteration count); no optimality
-    guarantee, and it can break down (``⟨r̂, v⟩ = 0``), which is reported as non-convergence.
+    guarantee. A breakdown (``⟨r̂, v⟩ = 0``, e.g. on a step with an exactly nilpotent part)
+    restarts the instance with ``r̂ = r``; a second one in a row is reported as
+    non-convergence.
     """
     _check_b(b, "bicgstab")
     B, n = b.shape
@@ -286,6 +333,8 @@ def bicgstab(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float 
     res = r.norm(dim=1) / denom
     active = res > tol
     iters = torch.zeros(B, dtype=torch.int64, device=dev)
+    anorm = torch.zeros_like(res)  # ‖A‖ ≥ ‖Ap‖/‖p‖, ‖As‖/‖s‖
+    restarted = torch.zeros(B, dtype=torch.bool, device=dev)
 
     def sdiv(a: Tensor, d: Tensor) -> Tensor:
         ok = d.abs() > tiny
@@ -302,6 +351,8 @@ def bicgstab(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float 
         s = r - alpha[:, None] * v
         t = matvec(s)
         n_mv += 2
+        anorm = torch.maximum(anorm, torch.maximum(sdiv(v.norm(dim=1), p.norm(dim=1)),
+                                                   sdiv(t.norm(dim=1), s.norm(dim=1))))
         omega = sdiv(_bdot(t, s), _bdot(t, t))
         x_new = x + alpha[:, None] * p + omega[:, None] * s
         r_new = s - omega[:, None] * t
@@ -311,11 +362,27 @@ def bicgstab(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float 
         res_new = r.norm(dim=1) / denom
         res = torch.where(active, res_new, res)
         iters = torch.where(active, torch.full_like(iters, k), iters)
-        broke = active & (~torch.isfinite(res) | (alpha == 0) & (res > tol))
-        active = active & (res > tol) & ~broke
+        blown = active & ~torch.isfinite(res)
+        # breakdown (⟨r̂, v⟩ or ⟨r̂, r⟩ vanished): restart that instance with r̂ = r, once
+        # per stretch of progress; a second breakdown in a row stops it
+        broke = active & (alpha == 0) & (res > tol) & ~blown
+        stop = blown | (broke & restarted)
+        fresh = broke & ~restarted
+        restarted = fresh
+        if bool(fresh.any()):
+            f = fresh[:, None]
+            r_hat = torch.where(f, r, r_hat)
+            p = torch.where(f, torch.zeros_like(p), p)
+            v = torch.where(f, torch.zeros_like(v), v)
+            rho = torch.where(fresh, ones, rho)
+            alpha = torch.where(fresh, ones, alpha)
+            omega = torch.where(fresh, ones, omega)
+        active = active & (res > tol) & ~stop
     res = _residual(matvec, b, x, bnorm)
     n_mv += 1
-    return x, SolveInfo(iters, res, res <= tol, n_mv, "bicgstab")
+    extra: dict = {}
+    converged, extra_mv = _verdict(matvec, b, x, res, tol, anorm, extra)
+    return x, SolveInfo(iters, res, converged, n_mv + extra_mv, "bicgstab", extra=extra)
 
 
 def dense(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e-10,
@@ -327,8 +394,12 @@ def dense(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
     ``chunk_elements`` elements; otherwise ``n`` single applications. ``x0`` and ``maxiter``
     are accepted for the protocol and ignored.
 
-    Raises:
-        FoldError: ``A`` is singular for some instance (names them).
+    The LU factor also gives each instance's reciprocal condition estimate
+    (:func:`fold_plugins._conditioning.rcond_from_factor`, in ``info.extra["rcond_estimate"]``).
+    Where it is at round-off level (:func:`fold_plugins._conditioning.not_isolated_threshold`)
+    ``I − Φ`` is singular: the instance is flagged in ``info.extra["not_isolated"]`` and
+    never counted as converged (its ``x`` is one of infinitely many solutions, NaN where the
+    factorisation broke down).
     """
     _check_b(b, "dense")
     B, n = b.shape
@@ -355,23 +426,34 @@ def dense(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
             n_mv += 1
         AT = torch.stack(cols, dim=0)
     A = AT.permute(1, 2, 0)  # (B, n, n)
-    x, info = torch.linalg.solve_ex(A, b)
-    singular = info != 0
-    if bool(singular.any()):
-        bad = torch.nonzero(singular).flatten().tolist()
-        raise FoldError(f"dense: the system matrix I − Φᵀ is singular for instance(s) {bad}: "
-                        "the fixed point is not isolated (Φ has an eigenvalue 1), so the "
-                        "gradient is not defined. Regularise the problem or check the step.")
+    LU, piv, status = torch.linalg.lu_factor_ex(A)
+    usable = status == 0
+    if bool(usable.all()):
+        rcond = rcond_from_factor(A, "lu", LU, piv)
+    else:  # an exactly singular factor: estimate on the others, solve those with I
+        eye = torch.eye(n, dtype=dt, device=dev).expand(B, n, n)
+        LU, piv, _ = torch.linalg.lu_factor_ex(torch.where(usable[:, None, None], A, eye))
+        rcond = torch.where(usable, rcond_from_factor(A, "lu", LU, piv),
+                            torch.zeros(B, dtype=dt, device=dev))
+    x = torch.linalg.lu_solve(LU, piv, b.unsqueeze(2)).squeeze(2)
+    # the fixed point is not isolated where I − Φᵀ is singular to working precision: LU then
+    # returns one of infinitely many solutions (its component along the null space is
+    # round-off amplified), so the instance is never reported converged
+    finite_a = torch.isfinite(A).all(dim=2).all(dim=1)  # a NaN VJP is another verdict
+    not_isolated = finite_a & (~usable | ~torch.isfinite(rcond)
+                               | (rcond <= not_isolated_threshold(dt, n)))
+    x = torch.where(usable[:, None], x, torch.full_like(x, math.nan))
     bnorm = b.norm(dim=1)
     res = (b - torch.einsum("bij,bj->bi", A, x)).norm(dim=1)
     res = res / torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
-    finite = torch.isfinite(res)
-    if not bool(finite.all()):
-        bad = torch.nonzero(~finite).flatten().tolist()
-        raise FoldError(f"dense: LU produced non-finite values for instance(s) {bad}; I − Φᵀ "
-                        "is numerically singular there.")
+    res = torch.where(torch.isfinite(res), res, torch.full_like(res, math.inf))
+    anorm = A.abs().sum(dim=-2).amax(dim=-1)  # ‖A‖₁ ≥ ‖A‖₂/√n: a floor on the safe side
+    floor = roundoff_floor(anorm, x.norm(dim=1), bnorm, n)
+    converged = ((res <= tol) | (res <= floor)) & ~not_isolated
     iters = torch.full((B,), n, dtype=torch.int64, device=dev)
-    return x, SolveInfo(iters, res, res <= tol, n_mv, "dense")
+    return x, SolveInfo(iters, res, converged, n_mv, "dense",
+                        extra={"not_isolated": not_isolated, "rcond_estimate": rcond,
+                               "roundoff_floor": floor})
 
 
 #: ``auto`` uses :func:`dense` up to this many state entries per instance (measured in

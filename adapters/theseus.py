@@ -56,7 +56,7 @@ factorisation at x*, and forward convergence is Theseus's own per-instance statu
 from __future__ import annotations
 
 import math
-import warnings
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -66,8 +66,9 @@ from torch import Tensor
 import fold_plugins as fp
 from fold_plugins._errors import instance_list, report_unconverged
 from fold_plugins.fold import default_fixed_point_tol
-from fold_plugins.solvers import get_solver
 
+from ._theseus_policy import Notes, check_policy, splice, status_mask
+from ._theseus_step import FlooredSolver, TangentGeometry, TangentStep, import_theseus
 from .base import FoldedModule
 
 __all__ = ["FoldedTheseusLayer", "STEPS", "FOLD_KWARGS"]
@@ -77,25 +78,9 @@ STEPS = ("auto", "gauss_newton", "levenberg_marquardt", "newton")
 _ALIASES = {"gn": "gauss_newton", "lm": "levenberg_marquardt", "gauss-newton": "gauss_newton",
             "levenberg-marquardt": "levenberg_marquardt"}
 #: per-call overrides read from ``optimizer_kwargs`` and removed before Theseus sees them.
-FOLD_KWARGS = ("fold_step", "fold_backward", "fold_tol", "fold_maxiter")
-# Theseus's own backward-mode keys: the folded backward replaces them, so they are removed too.
+FOLD_KWARGS = ("fold_step", "fold_backward", "fold_tol", "fold_maxiter", "fold_unconverged")
+# Theseus's own backward-mode keys: used only for the unconverged instances' unrolled backward.
 _THESEUS_BACKWARD_KWARGS = ("backward_mode", "backward_num_iterations", "dlm_epsilon")
-
-
-def _import_theseus():
-    try:
-        with warnings.catch_warnings():
-            # theseus warns at import when scikit-sparse is absent (only CholmodSparseSolver
-            # needs it); FoldedTheseusLayer reports that where it matters instead.
-            warnings.filterwarnings("ignore", message=".*skparse.cholmod.*")
-            import theseus as th
-    except ImportError as exc:  # pragma: no cover - exercised only without theseus
-        raise ImportError(
-            "fold_plugins.adapters.theseus needs theseus-ai (0.2.3): pip install torchlie "
-            "torchkin and `pip install --no-deps --no-build-isolation theseus-ai==0.2.3` "
-            "(see the README, 'Installing')."
-        ) from exc
-    return th
 
 
 def _resolve_step_name(step: str) -> str:
@@ -112,8 +97,9 @@ class FoldedTheseusLayer(FoldedModule):
     """``th.TheseusLayer`` with a folded implicit backward (exact with the full Hessian).
 
     Args:
-        optimizer_or_layer: a Theseus ``NonlinearLeastSquares`` optimizer (``GaussNewton``,
-            ``LevenbergMarquardt``, ``Dogleg``) or a ``th.TheseusLayer`` wrapping one.
+        optimizer: a Theseus optimizer (``GaussNewton``, ``LevenbergMarquardt``, ``Dogleg``;
+            others such as ``DCEM`` run with Theseus's own backward) or a ``th.TheseusLayer``.
+        vectorize, empty_cuda_cache: as ``th.TheseusLayer`` (ignored when a layer is given).
         backward: backward linear solver (``"gmres"``, ``"bicgstab"``, ``"dense"``,
             ``"fixed_point"`` or a callable, see :mod:`fold_plugins.solvers`).
         tol: relative residual of the backward solve, per instance.
@@ -122,86 +108,68 @@ class FoldedTheseusLayer(FoldedModule):
             ``GaussNewton``/``Dogleg``, Levenberg-Marquardt for ``LevenbergMarquardt``),
             ``"gauss_newton"``, ``"levenberg_marquardt"`` or ``"newton"``. The LM damping
             ``λ`` is the *configured* one, ``optimizer_kwargs["damping"]`` (Theseus's default
-            1e-3), also with ``adaptive_damping=True``, where it is the initial value — not
-            the optimizer's final adaptive ``λ``: once Theseus has converged every further
-            step is rejected and multiplies ``λ`` by 11 (up to 1e7), and a large ``λ`` gives
-            ``I − Φ = M⁻¹H ≈ H/λ``, ``ρ(Φ) → 1``, a slow backward. The gradient does not
-            depend on ``λ`` (``M`` multiplies ``g(x*) = 0``); only the backward's speed does.
-        strict: raise :class:`fp.FoldError` instead of warning on forward or backward
-            non-convergence and on excluded (NaN/Inf or singular) instances.
+            1e-3), not the optimizer's final adaptive ``λ`` (which grows by 11× per rejected
+            step once converged, up to 1e7, and would make ``ρ(Φ) → 1``). The gradient does
+            not depend on ``λ`` (``M`` multiplies ``g(x*) = 0``); only the backward's speed does.
+        unconverged: what an instance whose forward did not converge gets (module docstring):
+            ``"unroll"`` (default: Theseus's own unrolled backward, as ``th.TheseusLayer``),
+            ``"fold"`` (folded anyway, biased; warned once) or ``"raise"``.
+        strict: raise :class:`fp.FoldError` instead of warning on backward non-convergence,
+            on folded unconverged instances and on excluded (NaN/Inf or singular) instances.
         solver_options: extra keywords for the backward solver.
-        vectorize: passed to ``th.TheseusLayer`` when an optimizer is given.
-        fixed_point_tol: an instance counts as converged when its step length at x* satisfies
-            ``‖M⁻¹g‖ / (1 + ‖x*‖) ≤ fixed_point_tol`` (default 1e-6 in float64, 1e-3 below).
-
-    Cost: the forward adds one Jacobian evaluation at x* (and, for ``newton``, about
-    ``colours × dof`` VJPs to form ``H``, a distance-2 colouring of the variables); each backward
-    iteration is one VJP through ``g = Jᵀr`` plus a solve with the saved factor. ``newton``
-    has ``Φ = 0``: with ``backward="fixed_point"`` its backward is a single VJP.
+        fixed_point_tol: besides Theseus's ``CONVERGED`` status, an instance counts as
+            converged when ``‖M⁻¹g‖ / (1 + ‖x*‖) ≤ fixed_point_tol`` at the returned point
+            (default 1e-6 in float64, 1e-3 below).
 
     Call: ``layer(input_tensors, optimizer_kwargs=None) -> (values, info)`` exactly as
-    ``th.TheseusLayer``; ``info`` is Theseus's ``OptimizerInfo`` with ``info.fold_info``
-    (a :class:`fp.FoldInfo`, also ``layer.last_info``). ``optimizer_kwargs`` may carry the
-    per-call overrides ``fold_step``, ``fold_backward``, ``fold_tol``, ``fold_maxiter``;
-    these and Theseus's ``backward_mode``/``backward_num_iterations``/``dlm_epsilon`` are
-    removed before Theseus sees the dict.
+    ``th.TheseusLayer``; afterwards the objective's optimisation variables hold ``values``
+    (differentiable, as Theseus leaves them). ``info`` is Theseus's ``OptimizerInfo`` with
+    ``info.fold_info`` (a :class:`fp.FoldInfo`, also ``layer.last_info``). ``optimizer_kwargs``
+    may carry the per-call overrides ``fold_step``, ``fold_backward``, ``fold_tol``,
+    ``fold_maxiter``, ``fold_unconverged`` (removed before Theseus sees the dict).
+    ``backward_mode`` is validated as Theseus validates it; ``"implicit"`` is what folding
+    replaces, ``"unroll"``/``"truncated"`` are used for the unconverged instances only.
 
-    ``fold_info.forward_residual`` is the step length ``‖M⁻¹g‖/(1+‖x*‖)`` at x* when a gradient
-    is wanted; without one it is NaN (not measured) and ``forward_converged`` is Theseus's
-    status ``CONVERGED``. ``fold_info.extra`` holds ``step``, ``tangent_dim``,
-    ``theseus_status``, ``forward_check`` (``"step_length"`` or ``"theseus_status"``) and, with
-    a gradient, ``excluded``/``singular`` (``(B,)`` bool), ``rcond`` (``(B,)`` estimated
-    ``1/(‖M‖₁‖M⁻¹‖₁)``, dense solvers), ``backward_tol`` (the tolerance after the
-    conditioning floor, see :class:`_FlooredSolver`), ``damping`` (LM) and ``hessian_vjps``.
-    Note that Theseus's Cholesky solvers fail the *whole* batch (status FAIL, iterates left
-    where the failure happened) when one instance has NaN data; ``LUDenseSolver`` keeps the
-    NaN in its instance, which is then excluded here.
+    ``fold_info.extra``: ``step``, ``tangent_dim``, ``theseus_status``, ``forward_check``
+    and, with a gradient, ``converged``/``unconverged``/``unrolled``/``excluded``/``singular``
+    (``(B,)`` bool), ``rcond`` (dense solvers), ``linear_solve_residual`` (other linear
+    solvers: the measured ``‖Mδ − b‖/‖b‖`` that floors the backward tolerance),
+    ``backward_tol``, ``damping`` (LM), ``hessian_vjps`` and ``counts`` (instances per kind
+    of message since the layer was built). ``forward_residual`` is the step length
+    ``‖M⁻¹g‖/(1+‖x*‖)`` at the returned point (NaN when no gradient was wanted).
     """
 
-    def __init__(self, optimizer_or_layer: Any, backward: str | Callable = "gmres",
-                 tol: float = 1e-10, maxiter: int | None = None, step: str = "auto",
+    def __init__(self, optimizer: Any, vectorize: bool = True, empty_cuda_cache: bool = False,
+                 *, backward: str | Callable = "gmres", tol: float = 1e-10,
+                 maxiter: int | None = None, step: str = "auto", unconverged: str = "unroll",
                  strict: bool = False, solver_options: dict | None = None,
-                 vectorize: bool = True, fixed_point_tol: float | None = None):
+                 fixed_point_tol: float | None = None):
         super().__init__(backward=backward, tol=tol, maxiter=maxiter, strict=strict,
                          solver_options=solver_options)
-        th = _import_theseus()
-        if isinstance(optimizer_or_layer, th.TheseusLayer):
-            layer = optimizer_or_layer
-        elif isinstance(optimizer_or_layer, th.optimizer.Optimizer):
-            layer = th.TheseusLayer(optimizer_or_layer, vectorize=vectorize)
+        th = import_theseus()
+        if isinstance(optimizer, th.TheseusLayer):
+            layer = optimizer
+        elif isinstance(optimizer, th.optimizer.Optimizer):
+            layer = th.TheseusLayer(optimizer, vectorize=vectorize,
+                                    empty_cuda_cache=empty_cuda_cache)
         else:
             raise fp.FoldError(
-                "optimizer_or_layer must be a theseus Optimizer (GaussNewton, "
-                "LevenbergMarquardt, Dogleg) or a th.TheseusLayer, got "
-                f"{type(optimizer_or_layer).__name__}.")
-        if not isinstance(layer.optimizer, th.NonlinearLeastSquares):
-            raise fp.FoldError(
-                f"FoldedTheseusLayer folds a Gauss-Newton-type step, so it needs a "
-                f"NonlinearLeastSquares optimizer (GaussNewton, LevenbergMarquardt, Dogleg); "
-                f"got {type(layer.optimizer).__name__}.")
+                "optimizer must be a theseus Optimizer (GaussNewton, LevenbergMarquardt, "
+                f"Dogleg, DCEM, …) or a th.TheseusLayer, got {type(optimizer).__name__}.")
         self.step = _resolve_step_name(step)
+        self.unconverged = check_policy(unconverged)
         if fixed_point_tol is not None and not (isinstance(fixed_point_tol, (int, float))
                                                 and fixed_point_tol > 0):
             raise fp.FoldError(f"fixed_point_tol must be a number > 0 or None, got "
                                f"{fixed_point_tol!r}.")
         self.fixed_point_tol = fixed_point_tol
         self.layer = layer
-        self._th = th
-        lin = layer.optimizer.linear_solver.linearization
-        self._ordering = list(lin.ordering)
-        self._dofs = [int(d) for d in lin.var_dims]
-        self._starts = [int(s) for s in lin.var_start_cols]
-        self._index = {v.name: k for k, v in enumerate(self._ordering)}
-        # variables of one type are retracted together: (template container, their indices)
-        groups: dict[tuple[type, int], list[int]] = {}
-        for k, v in enumerate(self._ordering):
-            groups.setdefault((type(v), self._dofs[k]), []).append(k)
-        self._groups = [(self._ordering[ks[0]].copy(new_name=f"{self._ordering[ks[0]].name}"
-                                                      "__fold"), ks) for ks in groups.values()]
-        self._warned_backward_mode = False
-        self._coloring: tuple[list[list[int]], list[Tensor]] | None = None
+        # optimizers without a least-squares step (DCEM) keep Theseus's backward
+        self._geo = TangentGeometry(layer.optimizer) \
+            if isinstance(layer.optimizer, th.NonlinearLeastSquares) else None
+        self._notes = Notes()
 
-    # ------------------------------------------------------------------ pass-throughs
+    # ------------------------------------------------------------------ th.TheseusLayer API
     @property
     def objective(self):
         return self.layer.objective
@@ -224,8 +192,18 @@ class FoldedTheseusLayer(FoldedModule):
         self.layer.to(*args, **kwargs)
         return self
 
+    def verify_jacobians(self, num_checks: int = 1, tol: float = 1.0e-3) -> None:
+        """Theseus's Jacobian check of every cost function (prints, as ``th.TheseusLayer``)."""
+        return self.layer.verify_jacobians(num_checks=num_checks, tol=tol)
+
+    def compute_samples(self, linear_solver: Any = None, n_samples: int = 10,
+                        temperature: float = 1.0) -> Tensor | None:
+        """Samples around the solution from the linear system (``th.TheseusLayer``'s, LEO)."""
+        return self.layer.compute_samples(linear_solver, n_samples=n_samples,
+                                          temperature=temperature)
+
     def extra_repr(self) -> str:
-        return f"step={self.step!r}, " + super().extra_repr()
+        return f"step={self.step!r}, unconverged={self.unconverged!r}, " + super().extra_repr()
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_tensors: dict[str, Tensor] | None = None,
@@ -237,6 +215,7 @@ class FoldedTheseusLayer(FoldedModule):
             tensor at x* (differentiable); ``info`` is Theseus's ``OptimizerInfo`` with
             ``info.fold_info`` (:class:`fp.FoldInfo`).
         """
+        th = import_theseus()
         if input_tensors is not None and not isinstance(input_tensors, dict):
             raise fp.FoldError(f"input_tensors must be a dict name -> Tensor (or None), got "
                                f"{type(input_tensors).__name__}.")
@@ -246,24 +225,35 @@ class FoldedTheseusLayer(FoldedModule):
         input_tensors = dict(input_tensors or {})
         kwargs = dict(optimizer_kwargs or {})
         overrides = {k: kwargs.pop(k) for k in FOLD_KWARGS if k in kwargs}
+        # validated exactly as th.TheseusLayer does (ValueError)
+        mode = th.BackwardMode.resolve(kwargs.get("backward_mode", "unroll"))
+        eps_dlm = kwargs.get("dlm_epsilon", 1e-2)
+        if mode == th.BackwardMode.DLM and not isinstance(eps_dlm, float):
+            raise ValueError(f"dlm_epsilon must be a float but {type(eps_dlm)} was given.")
+        if self._geo is None:
+            return self._theseus_backward(input_tensors, kwargs, mode)
         theseus_bwd = {k: kwargs.pop(k) for k in _THESEUS_BACKWARD_KWARGS if k in kwargs}
-        self._note_backward_mode(theseus_bwd.get("backward_mode"))
+        self._note_backward_mode(mode, "backward_mode" in theseus_bwd)
         step_name = _resolve_step_name(overrides.get("fold_step", self.step))
         solver = overrides.get("fold_backward", self.backward)
         tol = float(overrides.get("fold_tol", self.tol))
         maxiter = overrides.get("fold_maxiter", self.maxiter)
+        policy = check_policy(overrides.get("fold_unconverged", self.unconverged))
 
+        geo = self._geo
+        init = {v.name: v.tensor for v in geo.ordering}  # to re-run the forward with autograd
         optimizer = self.optimizer
         with torch.no_grad():
             _, th_info = self.layer(input_tensors, optimizer_kwargs=kwargs)
         x_star = self._solution()
         kind = self._step_kind(step_name)
         B = x_star[0].shape[0]
-        n = sum(self._dofs)
         dev, dt = x_star[0].device, x_star[0].dtype
         info = fp.FoldInfo(batch_size=B)
-        info.extra.update(step=kind, tangent_dim=n, theseus_status=th_info.status)
-        failed = self._status_mask(th_info, B, dev, self._th.NonlinearOptimizerStatus.FAIL)
+        info.extra.update(step=kind, tangent_dim=geo.n, theseus_status=th_info.status)
+        statuses = th.NonlinearOptimizerStatus
+        failed = status_mask(th_info, B, dev, statuses.FAIL)
+        th_conv = status_mask(th_info, B, dev, statuses.CONVERGED)
         iters = th_info.converged_iter.detach().to(device=dev).reshape(-1)
         max_it = int(optimizer.params.max_iterations)
         info.forward_iterations = torch.where(iters >= 0, iters, torch.full_like(iters, max_it))
@@ -271,34 +261,16 @@ class FoldedTheseusLayer(FoldedModule):
         finite_x = torch.stack([torch.isfinite(x.reshape(B, -1)).all(dim=1) for x in x_star])
         finite_x = finite_x.all(dim=0)
 
-        if not self._needs_graph(input_tensors):
-            # inference: no gradient wanted, so no linearisation/factorisation at x*; forward
-            # convergence is Theseus's own verdict (its status), which costs nothing
-            conv = self._status_mask(th_info, B, dev,
-                                     self._th.NonlinearOptimizerStatus.CONVERGED)
-            converged = conv & finite_x & ~failed
-            info.forward_residual = torch.full((B,), math.nan, dtype=dt, device=dev)
-            info.forward_converged = converged
-            info.extra["forward_check"] = "theseus_status"
-            self.last_info = info
-            last_err = th_info.last_err.detach().to(device=dev, dtype=dt).reshape(-1)
-            # without a gradient nothing is biased: only real failures are reported here (a
-            # FAIL status or a non-finite solution), not MAX_ITERATIONS, which th.TheseusLayer
-            # users hit on purpose with fixed iteration counts; forward_converged still says it
-            report_unconverged(
-                failed | ~finite_x, last_err if last_err.numel() == B else last_err.expand(B),
-                f"{name} forward (no gradient requested; error = final objective value)",
-                "an instance with status FAIL hit an error in Theseus's linear solve (singular "
-                "system or NaN data): check its data", self.strict, stacklevel=3)
-            th_info.fold_info = info
-            return self._outputs(x_star, x_star, None, input_tensors), th_info
+        if not self._needs_graph(input_tensors, init):
+            return self._inference(x_star, th_info, info, th_conv & finite_x & ~failed,
+                                   failed | ~finite_x, name)
 
         solve_kwargs = self._solve_kwargs(kind, kwargs)
         if "damping" in solve_kwargs:
             info.extra["damping"] = solve_kwargs["damping"]
         nonfinite = ~finite_x | self._nonfinite_inputs(input_tensors, B)
         if bool(nonfinite.all()):
-            bad_vars = [v.name for v, x in zip(self._ordering, x_star)
+            bad_vars = [v.name for v, x in zip(geo.ordering, x_star)
                         if not bool(torch.isfinite(x).all())]
             raise fp.FoldError(
                 f"the Theseus solution ({', '.join(bad_vars) or 'no variable'}) or the "
@@ -307,82 +279,255 @@ class FoldedTheseusLayer(FoldedModule):
                 "LevenbergMarquardt.")
         fp_tol = self.fixed_point_tol if self.fixed_point_tol is not None \
             else default_fixed_point_tol(dt)
-        step_fn = _TangentStep(self, x_star, input_tensors, kind, solve_kwargs, nonfinite)
-        xi0 = x_star[0].new_zeros(B, n)
+        step_fn = TangentStep(geo, optimizer, x_star, input_tensors, kind, solve_kwargs,
+                              nonfinite)
         try:
-            xi, info = fp.fold(step_fn, xi0, solver=_FlooredSolver(solver, step_fn), tol=tol,
-                               maxiter=maxiter, batched=True, strict=self.strict,
-                               return_info=True, fixed_point_tol=math.inf, info=info,
+            xi, info = fp.fold(step_fn, x_star[0].new_zeros(B, geo.n),
+                               solver=FlooredSolver(solver, step_fn), tol=tol, maxiter=maxiter,
+                               batched=True, strict=self.strict, return_info=True,
+                               fixed_point_tol=sys.float_info.max, info=info,
                                solver_options=self.solver_options)
         finally:
             self._restore(x_star, input_tensors)
         self.last_info = info
-        info.extra["hessian_vjps"] = step_fn.hessian_vjps
-        info.extra["forward_check"] = "step_length"
-        info.extra["backward_tol"] = max(tol, step_fn.tol_floor)
         excluded = step_fn.excluded
-        info.extra["excluded"] = excluded
-        info.extra["singular"] = step_fn.singular
+        info.extra.update(hessian_vjps=step_fn.hessian_vjps, forward_check="theseus_status",
+                          backward_tol=max(tol, step_fn.tol_floor), excluded=excluded,
+                          singular=step_fn.singular)
         if step_fn.rcond is not None:
             info.extra["rcond"] = step_fn.rcond
+        if step_fn.solve_residual is not None:
+            info.extra["linear_solve_residual"] = step_fn.solve_residual
+            self._note_solve_floor(name, step_fn, dt)
 
-        # forward convergence: the step length at x* (what the gradient's accuracy rests on)
+        # convergence as Theseus judges it, or a fixed point to working precision
         xnorm = torch.cat([x.reshape(B, -1) for x in step_fn.x_used], dim=1).norm(dim=1)
         rel = (info.fixed_point_residual.detach() / (1 + xnorm)).to(dt)
         rel = torch.where(excluded, torch.full_like(rel, math.nan), rel)
-        converged = (rel <= fp_tol) & ~failed & ~excluded
+        converged = (th_conv | (rel <= fp_tol)) & ~excluded
+        unconverged = ~converged & ~excluded
         info.forward_residual = rel
         info.forward_converged = converged
         self._report_excluded(name, nonfinite, step_fn)
-        self._report_forward(
-            converged | excluded, rel, name,
-            f"the Gauss-Newton step at x* should satisfy ‖δ‖/(1+‖x*‖) ≤ {fp_tol:.0e}; raise "
-            f"max_iterations (now {max_it}) or lower abs_err_tolerance/rel_err_tolerance of "
-            "the Theseus optimizer")
 
         values = self._outputs(step_fn.x_used, x_star, xi, input_tensors, excluded)
+        unrolled = torch.zeros_like(unconverged)
+        if bool(unconverged.any()):
+            values, unrolled = self._unconverged(
+                policy, unconverged, failed, rel, values, init, input_tensors, kwargs, mode,
+                theseus_bwd, name, max_it)
+        notes = self._notes
+        for kind_name, mask in (("converged", converged), ("unconverged", unconverged),
+                                ("unrolled", unrolled), ("excluded", excluded)):
+            info.extra[kind_name] = mask
+            notes.count(kind_name, mask)
+        if bool((converged & ~unrolled).any()) and any(
+                isinstance(t, Tensor) and t.requires_grad
+                for k, t in input_tensors.items() if k in geo.index):
+            notes.once("initial_values", f"{name}: the initial values get an exact zero "
+                       "gradient for the instances whose forward converged (the minimiser "
+                       "does not depend on where the search started).")
+        info.extra["counts"] = dict(notes.counts)
+        geo.set_vars([values[v.name] for v in geo.ordering])  # as th.TheseusLayer leaves them
         th_info.fold_info = info
         return values, th_info
 
-    # ------------------------------------------------------------------ helpers
-    def _note_backward_mode(self, mode: Any) -> None:
-        if mode is None or self._warned_backward_mode:
-            return
-        name = mode.name if hasattr(mode, "name") else str(mode)
-        if name.lower() in ("fold", "folded"):
-            return
-        self._warned_backward_mode = True
-        warnings.warn(f"FoldedTheseusLayer ignores optimizer_kwargs['backward_mode']={name!r}: "
-                      "the folded implicit backward replaces Theseus's backward modes (use "
-                      "th.TheseusLayer to run them).", UserWarning, stacklevel=3)
+    # ------------------------------------------------------------------ per-instance policy
+    def _unconverged(self, policy: str, unconverged: Tensor, failed: Tensor, rel: Tensor,
+                     values: dict[str, Tensor], init: dict[str, Tensor],
+                     input_tensors: dict[str, Tensor], kwargs: dict[str, Any], mode: Any,
+                     theseus_bwd: dict[str, Any], name: str,
+                     max_it: int) -> tuple[dict[str, Tensor], Tensor]:
+        """Apply the ``unconverged`` policy (module docstring); return the values and the
+        ``(B,)`` mask of instances that got Theseus's unrolled backward."""
+        which = (f"instance(s) {instance_list(unconverged)} (step length ‖M⁻¹g‖/(1+‖x*‖) up "
+                 f"to {float(rel[unconverged].max()):.1e}, Theseus status not CONVERGED)")
+        if bool((failed & unconverged).any()):
+            remedy = ("Theseus's linear solve failed (status FAIL) for "
+                      f"{instance_list(failed & unconverged)}: with a Cholesky solver one "
+                      "instance with NaN/Inf data fails the whole batch and leaves the others "
+                      "where the failure happened; fix or drop that instance, or use "
+                      "LUDenseSolver, which keeps the NaN in its own instance")
+        else:
+            remedy = (f"raise max_iterations (now {max_it}) or loosen the optimizer's "
+                      "abs_err_tolerance/rel_err_tolerance if the minimiser is what you want "
+                      "to differentiate")
+        if policy == "raise":
+            raise fp.FoldError(f"{name}: the forward did not converge for {which} and "
+                               f"unconverged='raise'. Remedy: {remedy}; or pass "
+                               "unconverged='unroll' to differentiate the truncated forward.")
+        reason = ""
+        if policy == "unroll":
+            unrolled, reason = self._unroll(init, input_tensors, kwargs, mode, theseus_bwd)
+            if unrolled is not None:
+                self._notes.once("unrolled", (
+                    f"{name}: the forward did not converge for {which}; as with "
+                    "th.TheseusLayer, their gradient is Theseus's unrolled backward through "
+                    "the iterations that ran (exact for what was computed), the converged "
+                    "instances are folded. unconverged='fold' or 'raise' change this"))
+                values = {k: splice(unconverged, unrolled[k], v) for k, v in values.items()}
+                return values, unconverged
+        msg = (f"{name}: the forward did not converge for {which}; their gradients are folded "
+               f"at the point where the forward stopped and are biased{reason}. Remedy: "
+               f"{remedy}.")
+        if self.strict:
+            raise fp.FoldError(msg)
+        self._notes.once("biased", msg, fp.FoldConvergenceWarning)
+        return values, torch.zeros_like(unconverged)
 
+    def _unroll(self, init: dict[str, Tensor], input_tensors: dict[str, Tensor],
+                kwargs: dict[str, Any], mode: Any,
+                theseus_bwd: dict[str, Any]) -> tuple[dict[str, Tensor] | None, str]:
+        """Re-run Theseus's forward from the same start with autograd (its ``unroll``, or
+        ``truncated`` when asked for): the variables' tensors, or ``None`` and why not."""
+        th = import_theseus()
+        # the first run's info is the one returned; Theseus cannot track history under grad
+        run_kwargs = {k: v for k, v in kwargs.items()
+                      if k not in ("track_err_history", "track_state_history")}
+        if mode == th.BackwardMode.TRUNCATED:
+            run_kwargs.update(theseus_bwd)
+        else:
+            run_kwargs["backward_mode"] = th.BackwardMode.UNROLL
+        self.objective.update({k: t for k, t in init.items() if k not in input_tensors})
+        B = self.objective.batch_size
+        try:
+            with torch.enable_grad():
+                self.layer(input_tensors, optimizer_kwargs=run_kwargs)
+        except RuntimeError as exc:
+            first = str(exc).split(". ")[0]
+            return None, f" (Theseus's unrolled re-run failed: {first})"
+        out = {}
+        for var in self._geo.ordering:
+            t = var.tensor
+            out[var.name] = t if t.shape[0] == B else t.expand(B, *t.shape[1:])
+        return out, ""
+
+    def _theseus_backward(self, input_tensors: dict[str, Tensor], kwargs: dict[str, Any],
+                          mode: Any) -> tuple[dict[str, Tensor], Any]:
+        """Optimizers without a least-squares step (DCEM): ``th.TheseusLayer`` as it is."""
+        th = import_theseus()
+        self._notes.once("theseus_backward", (
+            f"FoldedTheseusLayer: {type(self.optimizer).__name__} has no least-squares step to "
+            f"fold, so it runs with Theseus's own backward (backward_mode="
+            f"{mode.name.lower()}), exactly as th.TheseusLayer"))
+        values, th_info = self.layer(input_tensors, optimizer_kwargs=kwargs)
+        B = self.objective.batch_size
+        info = fp.FoldInfo(batch_size=B)
+        info.forward_converged = status_mask(th_info, B, self.device,
+                                             th.NonlinearOptimizerStatus.CONVERGED)
+        info.extra.update(backward=f"theseus {mode.name.lower()}", theseus_status=th_info.status,
+                          counts=dict(self._notes.counts))
+        self.last_info = info
+        th_info.fold_info = info
+        return values, th_info
+
+    def _inference(self, x_star: list[Tensor], th_info: Any, info: fp.FoldInfo,
+                   converged: Tensor, bad: Tensor, name: str) -> tuple[dict[str, Tensor], Any]:
+        """No gradient wanted: Theseus's forward only, its status as the convergence verdict;
+        only failures (FAIL, non-finite solution) are reported, not MAX_ITERATIONS, which
+        fixed-iteration models hit on purpose."""
+        B = converged.numel()
+        info.forward_residual = torch.full((B,), math.nan, dtype=x_star[0].dtype,
+                                           device=x_star[0].device)
+        info.forward_converged = converged
+        info.extra["forward_check"] = "theseus_status"
+        self._notes.count("failed", bad)
+        info.extra["counts"] = dict(self._notes.counts)
+        self.last_info = info
+        th_info.fold_info = info
+        if bool(bad.any()) and (self.strict or "failed" not in self._notes.issued):
+            last_err = th_info.last_err.detach().to(device=x_star[0].device).reshape(-1)
+            self._notes.issued.add("failed")
+            report_unconverged(
+                bad, last_err if last_err.numel() == B else last_err.expand(B),
+                f"{name} forward (no gradient requested; error = final objective value)",
+                "an instance with status FAIL hit an error in Theseus's linear solve (singular "
+                "system or NaN data): check its data (said once per layer)", self.strict,
+                stacklevel=4)
+        return self._outputs(x_star, x_star, None, {}), th_info
+
+    # ------------------------------------------------------------------ notes
+    def _note_backward_mode(self, mode: Any, explicit: bool) -> None:
+        """One note when ``backward_mode`` asks for something other than what folding does."""
+        th = import_theseus()
+        if not explicit or mode == th.BackwardMode.IMPLICIT:
+            return  # implicit is what folding replaces; the default says nothing
+        what = ("not used (DLM); instances whose forward did not converge get Theseus's "
+                "unrolled backward" if mode == th.BackwardMode.DLM else
+                "used only for the instances whose forward did not converge")
+        self._notes.once("backward_mode", (
+            f"FoldedTheseusLayer: backward_mode={mode.name.lower()!r} is {what}; converged "
+            "instances get the folded (exact implicit) gradient. Use th.TheseusLayer to run "
+            "Theseus's backward modes everywhere"))
+
+    def _note_solve_floor(self, name: str, step: TangentStep, dtype: torch.dtype) -> None:
+        """Say once when the linear solver's own precision limits the gradient's digits."""
+        if step.tol_floor > math.sqrt(torch.finfo(dtype).eps):
+            self._notes.once("linear_solver_precision", (
+                f"{name}: {type(self.optimizer.linear_solver).__name__} solves only to a "
+                f"relative residual of about {step.tol_floor / 10:.1e} (e.g. CHOLMOD rounds "
+                f"through float32), so the backward stops at {step.tol_floor:.1e} and the "
+                "gradient keeps about that many digits; a dense solver (CholeskyDenseSolver) "
+                "gives the full precision"))
+
+    def _report_excluded(self, name: str, nonfinite: Tensor, step: TangentStep) -> None:
+        """Warn once per kind (raise when ``strict``) naming excluded and ill-conditioned
+        instances."""
+        B = nonfinite.numel()
+        msgs = []
+        if bool(nonfinite.any()):
+            msgs.append(("nonfinite", (
+                f"{name}: the Theseus solution or the per-instance input data is NaN/Inf for "
+                f"instance(s) {instance_list(nonfinite)}; those instances are excluded (zero "
+                "gradient); the others are judged on their own (converged ones keep exact "
+                "gradients). Remedy: check their data and initial values")))
+        if bool(step.singular.any()):
+            rc = step.rcond[step.singular] if step.rcond is not None else None
+            worst = f"; estimated rcond₁ up to {float(rc.max()):.1e}" if rc is not None and \
+                bool(torch.isfinite(rc).all()) and float(rc.max()) > 0 else ""
+            msgs.append(("singular", (
+                f"{name}: {step.matrix_name()} at x* is singular for instance(s) "
+                f"{instance_list(step.singular)} (factorisation failed or reciprocal "
+                f"condition ≤ eps{worst}); dx*/dθ is not defined there, so those instances "
+                f"are excluded (zero gradient); the other {B - int(step.excluded.sum())} are "
+                f"unaffected. Remedy: {step.remedy()}")))
+        for kind, msg in msgs:
+            if self.strict:
+                raise fp.FoldError(msg + ".")
+            self._notes.once(kind, msg, fp.FoldConvergenceWarning, stacklevel=5)
+        if bool(step.illcond.any()):
+            eps = torch.finfo(self.dtype).eps
+            rc = float(step.rcond[step.illcond].min())
+            self._notes.once("ill_conditioned", (
+                f"{name}: {step.matrix_name()} at x* is ill-conditioned for instance(s) "
+                f"{instance_list(step.illcond)} (estimated reciprocal condition number "
+                f"rcond₁ down to {rc:.1e} ≤ n·eps = {self._geo.n * eps:.1e}, {self.dtype}): "
+                f"the gradient of these instances keeps about "
+                f"{max(0.0, math.log10(rc / eps)):.0f} correct digits. Remedy: use float64, "
+                "or rescale the problem (cost weights, units)"), fp.FoldConvergenceWarning,
+                stacklevel=5)
+
+    # ------------------------------------------------------------------ helpers
     def _solution(self) -> list[Tensor]:
         """The optimisation variables' tensors after the solve, ``(B, ...)`` each (may hold
         NaN rows: those instances are excluded, see the module docstring)."""
         B = self.objective.batch_size
         out = []
-        for var in self._ordering:
+        for var in self._geo.ordering:
             t = var.tensor.detach()
             if t.shape[0] != B:
                 t = t.expand(B, *t.shape[1:])
             out.append(t.clone())
         return out
 
-    @staticmethod
-    def _status_mask(th_info: Any, B: int, device: torch.device, status: Any) -> Tensor:
-        """``(B,)`` bool: instances whose Theseus status is ``status``."""
-        mask = torch.as_tensor([s == status for s in th_info.status], dtype=torch.bool,
-                               device=device).reshape(-1)
-        if mask.numel() != B:
-            mask = mask.expand(B) if mask.numel() == 1 else mask[:B]
-        return mask
-
-    def _needs_graph(self, input_tensors: dict[str, Tensor]) -> bool:
-        """Whether a gradient can be asked of the output: grad mode on and some input, cost
-        weight or closure parameter requires grad (the last seen only in the error's graph)."""
+    def _needs_graph(self, input_tensors: dict[str, Tensor], init: dict[str, Tensor]) -> bool:
+        """Whether a gradient can be asked of the output: grad mode on and some input, initial
+        value, cost weight or closure parameter requires grad (the last seen only in the
+        error's graph)."""
         if not torch.is_grad_enabled():
             return False
-        if any(isinstance(t, Tensor) and t.requires_grad for t in input_tensors.values()):
+        if any(isinstance(t, Tensor) and t.requires_grad
+               for t in (*input_tensors.values(), *init.values())):
             return True
         objective = self.objective
         if any(v.tensor.requires_grad for v in objective.aux_vars.values()):
@@ -401,46 +546,10 @@ class FoldedTheseusLayer(FoldedModule):
                 bad |= ~torch.isfinite(t.detach().reshape(B, -1)).all(dim=1).to(bad.device)
         return bad
 
-    def _report_excluded(self, name: str, nonfinite: Tensor, step: _TangentStep) -> None:
-        """Warn (raise when ``strict``) naming excluded and ill-conditioned instances."""
-        B = nonfinite.numel()
-        if bool(nonfinite.any()):
-            msg = (f"{name}: the Theseus solution or the per-instance input data is NaN/Inf "
-                   f"for instance(s) {instance_list(nonfinite)}; those instances are excluded "
-                   "(zero gradient), the others keep their exact gradients. Remedy: check "
-                   "their data and initial values, or use LevenbergMarquardt.")
-            if self.strict:
-                raise fp.FoldError(msg)
-            warnings.warn(msg, fp.FoldConvergenceWarning, stacklevel=4)
-        if bool(step.singular.any()):
-            rc = step.rcond[step.singular] if step.rcond is not None else None
-            worst = f"; estimated rcond₁ up to {float(rc.max()):.1e}" if rc is not None and \
-                bool(torch.isfinite(rc).all()) and float(rc.max()) > 0 else ""
-            msg = (f"{name}: {step.matrix_name()} at x* is singular for instance(s) "
-                   f"{instance_list(step.singular)} (factorisation failed or reciprocal "
-                   f"condition ≤ eps{worst}); dx*/dθ is not defined there, so those instances "
-                   f"are excluded (zero gradient); the other {B - int(step.excluded.sum())} "
-                   f"keep their exact gradients. Remedy: {step.remedy()}.")
-            if self.strict:
-                raise fp.FoldError(msg)
-            warnings.warn(msg, fp.FoldConvergenceWarning, stacklevel=4)
-        if bool(step.illcond.any()):
-            n = sum(self._dofs)
-            eps = torch.finfo(self.dtype).eps
-            rc = float(step.rcond[step.illcond].min())
-            warnings.warn(
-                f"{name}: {step.matrix_name()} at x* is ill-conditioned for instance(s) "
-                f"{instance_list(step.illcond)} (estimated reciprocal condition number "
-                f"rcond₁ down to {rc:.1e} ≤ n·eps = {n * eps:.1e}, {self.dtype}): the gradient "
-                f"of these instances keeps about {max(0.0, math.log10(rc / eps)):.0f} correct "
-                "digits. Remedy: use float64, or rescale the problem (cost weights, units).",
-                fp.FoldConvergenceWarning, stacklevel=4)
-
     def _step_kind(self, name: str) -> str:
-        th = self._th
         if name != "auto":
             return name
-        if isinstance(self.optimizer, th.LevenbergMarquardt):
+        if isinstance(self.optimizer, import_theseus().LevenbergMarquardt):
             return "levenberg_marquardt"
         return "gauss_newton"  # GaussNewton, Dogleg, other NLLS subclasses
 
@@ -455,7 +564,7 @@ class FoldedTheseusLayer(FoldedModule):
             raise fp.FoldError(f"optimizer_kwargs['damping'] must be a number ≥ 0 or a "
                                f"tensor, got {damping!r}.")
         out: dict[str, Any] = {"damping": damping}
-        if isinstance(self.optimizer.linear_solver, self._th.DenseSolver):
+        if isinstance(self.optimizer.linear_solver, import_theseus().DenseSolver):
             out["ellipsoidal_damping"] = bool(kwargs.get("ellipsoidal_damping", False))
             eps = kwargs.get("damping_eps")
             out["damping_eps"] = 1e-8 if eps is None else float(eps)
@@ -467,72 +576,24 @@ class FoldedTheseusLayer(FoldedModule):
                 "step='gauss_newton'/'newton'.")
         return out
 
-    def _retract_all(self, x_star: list[Tensor], xi: Tensor) -> list[Tensor]:
-        """``x* ⊕ ξ`` for every variable, one ``retract`` per variable type."""
-        out: list[Tensor] = [xi] * len(x_star)
-        B = xi.shape[0]
-        for tmpl, ks in self._groups:
-            xs = torch.cat([x_star[k] for k in ks]) if len(ks) > 1 else x_star[ks[0]]
-            ds = [xi[:, self._starts[k]:self._starts[k] + self._dofs[k]] for k in ks]
-            tmpl.update(xs)
-            ys = tmpl.retract(torch.cat(ds) if len(ds) > 1 else ds[0]).tensor
-            for k, y in zip(ks, ys.split(B)):
-                out[k] = y
-        for tmpl, ks in self._groups:
-            tmpl.update(x_star[ks[0]].detach())  # hold no graph
-        return out
-
-    def _hessian_coloring(self) -> tuple[list[list[int]], list[Tensor]]:
-        """Distance-2 colouring of the variables and each variable's column mask (cached)."""
-        if self._coloring is not None and self._coloring[1][0].device == self.device:
-            return self._coloring
-        V = len(self._ordering)
-        nbrs: list[set[int]] = [{k} for k in range(V)]
-        for cf in self.objective.cost_functions.values():
-            ks = [self._index[v.name] for v in cf.optim_vars]
-            for a in ks:
-                nbrs[a].update(ks)
-        color = [-1] * V
-        colors: list[list[int]] = []
-        for a in sorted(range(V), key=lambda k: -len(nbrs[k])):
-            near = set().union(*(nbrs[b] for b in nbrs[a]))  # within distance 2
-            used = {color[b] for b in near if color[b] >= 0}
-            c = next(i for i in range(len(colors) + 1) if i not in used)
-            if c == len(colors):
-                colors.append([])
-            colors[c].append(a)
-            color[a] = c
-        n = sum(self._dofs)
-        masks = []
-        for a in range(V):
-            m = torch.zeros(n, dtype=self.dtype, device=self.device)
-            for b in nbrs[a]:
-                m[self._starts[b]:self._starts[b] + self._dofs[b]] = 1
-            masks.append(m)
-        self._coloring = (colors, masks)
-        return self._coloring
-
-    def _set_vars(self, tensors: list[Tensor]) -> None:
-        for var, t in zip(self._ordering, tensors):
-            var.update(t)
-
     def _restore(self, x_star: list[Tensor], input_tensors: dict[str, Tensor]) -> None:
-        """Leave the objective as Theseus left it: at x* with no graph (the graph lives in the
-        folded op), the auxiliary variables holding the given inputs."""
+        """The objective as Theseus left it: at x* with no graph, the auxiliary variables
+        holding the given inputs."""
         aux = {k: v for k, v in input_tensors.items() if k in self.objective.aux_vars}
         if aux:
             self.objective.update(aux, _update_vectorization=False)
-        self._set_vars([x.detach() for x in x_star])
+        self._geo.set_vars([x.detach() for x in x_star])
 
     def _outputs(self, x_used: list[Tensor], x_star: list[Tensor], xi: Tensor | None,
                  input_tensors: dict[str, Tensor],
                  excluded: Tensor | None = None) -> dict[str, Tensor]:
         """The values ``x*`` (bit for bit) with the derivative of ``x_used ⊕ ξ`` attached
         (none for the ``excluded`` instances)."""
+        geo = self._geo
         by_name: dict[str, Tensor] = {}
-        retracted = self._retract_all(x_used, xi) if xi is not None and xi.requires_grad \
+        retracted = geo.retract_all(x_used, xi) if xi is not None and xi.requires_grad \
             else None
-        for k, (var, x) in enumerate(zip(self._ordering, x_star)):
+        for k, (var, x) in enumerate(zip(geo.ordering, x_star)):
             if retracted is not None:
                 r = retracted[k]
                 d = r - r.detach()
@@ -548,279 +609,3 @@ class FoldedTheseusLayer(FoldedModule):
                 out = out + (init - init.detach()) * 0  # a converged x* does not depend on it
             by_name[var.name] = out
         return {name: by_name[name] for name in self.objective.optim_vars}
-
-
-class _TangentStep:
-    """``U(ξ) = ξ − M⁻¹ g(x* ⊕ ξ)`` (module docstring), evaluated once at ``ξ = 0`` by the fold.
-
-    ``g = Σ_c J_cᵀ e_c`` is assembled from each cost function's weighted Jacobians and errors
-    (Theseus's ``Atb`` is ``−g``) and keeps the graph to ``ξ`` and to every input; ``M`` is
-    formed and factored once, without graph, from Theseus's linearization at x* (``AtA``), or
-    is the full Hessian ``∂g/∂ξ`` for ``newton``. The backward's VJPs then run through the
-    small graph of ``g`` and a triangular (or LU) solve with the saved factor. Linear solvers
-    other than the dense ones take Theseus's own path: ``linearize(_detach_hessian=True)`` and
-    ``linear_solver.solve``.
-
-    Excluded instances (``excluded``: NaN/Inf solution or data given at construction, plus
-    those whose ``M`` turns out singular) are evaluated on a copy of the first good instance's
-    data and solution and their output is the constant 0 (module docstring).
-
-    Attributes:
-        excluded, singular, illcond: ``(B,)`` bool masks filled when the step runs.
-        rcond: ``(B,)`` estimated ``1 / (‖M‖₁ ‖M⁻¹‖₁)`` (dense solvers; ``None`` otherwise).
-        x_used: the solution with excluded rows replaced (what the step is evaluated at).
-    """
-
-    def __init__(self, layer: FoldedTheseusLayer, x_star: list[Tensor],
-                 input_tensors: dict[str, Tensor], kind: str, solve_kwargs: dict[str, Any],
-                 exclude: Tensor):
-        self.layer = layer
-        self.kind = kind
-        self.solve_kwargs = solve_kwargs
-        self.dense = isinstance(layer.optimizer.linear_solver, layer._th.DenseSolver)
-        self.factor: tuple[str, Tensor, Tensor | None] | None = None
-        self.hessian_vjps = 0
-        self.B = x_star[0].shape[0]
-        self.excluded = exclude.clone()
-        self.singular = torch.zeros_like(exclude)
-        self.illcond = torch.zeros_like(exclude)
-        self.rcond: Tensor | None = None
-        self.tol_floor = 0.0
-        objective = layer.objective
-        aux = {k: v for k, v in input_tensors.items() if k in objective.aux_vars}
-        self.x_used = [self._fill(x) for x in x_star]
-        self.aux = {k: self._fill(v) for k, v in aux.items()}
-
-    def _fill(self, t: Tensor) -> Tensor:
-        """``t`` with the excluded rows replaced by the first good instance's row (no graph)."""
-        bad = self.excluded
-        if not bool(bad.any()) or not isinstance(t, Tensor) or t.ndim < 1 \
-                or t.shape[0] != self.B or self.B == 1:
-            return t
-        k0 = int(torch.nonzero(~bad.cpu())[0])
-        mask = bad.to(t.device).reshape(self.B, *([1] * (t.ndim - 1)))
-        return torch.where(mask, t[k0:k0 + 1].detach(), t)
-
-    def matrix_name(self) -> str:
-        return {"newton": "the Hessian H = ∂(Jᵀr)/∂ξ",
-                "gauss_newton": "the Gauss-Newton matrix JᵀJ"}.get(
-                    self.kind, "the damped matrix JᵀJ + λD")
-
-    def remedy(self) -> str:
-        if self.kind == "newton":
-            return ("x* is not an isolated minimiser there (a free direction or a saddle): add "
-                    "a prior that fixes it")
-        return ("use LevenbergMarquardt or step='newton' if the minimiser is isolated; "
-                "otherwise add a prior that fixes the free directions (gauge)")
-
-    def __call__(self, xi: Tensor) -> Tensor:
-        L = self.layer
-        if self.aux:
-            # re-attach the inputs' graph
-            L.objective.update(self.aux, _update_vectorization=False)
-        L._set_vars(L._retract_all(self.x_used, xi))
-        if self.kind != "newton" and not self.dense:
-            out = xi + self._theseus_solve()
-        else:
-            g = self._gradient(xi.shape[0])
-            if self.factor is None:
-                M = self._hessian(g, xi) if self.kind == "newton" else self._gn_matrix()
-                self.factor = self._factorise(M)
-            how, F, piv = self.factor
-            if how == "cholesky":
-                delta = torch.cholesky_solve(g.unsqueeze(2), F)
-            else:
-                delta = torch.linalg.lu_solve(F, piv, g.unsqueeze(2))
-            out = xi - delta.squeeze(2)
-        if bool(self.excluded.any()):
-            # the constant 0 (no graph): Φ = 0 and ∂U/∂θ = 0 for those rows, exactly
-            out = torch.where(self.excluded[:, None].to(out.device), torch.zeros_like(out), out)
-        return out
-
-    def _gradient(self, B: int) -> Tensor:
-        """``g = Jᵀe`` at the variables' current tensors, shape ``(B, n)``."""
-        L = self.layer
-        parts: list[list[Tensor]] = [[] for _ in L._ordering]
-        for cf in L.objective._get_jacobians_iter():
-            jacobians, err = cf.weighted_jacobians_error()
-            for j, J in enumerate(jacobians):
-                k = L._index[cf.optim_var_at(j).name]
-                c = (J * err.unsqueeze(2)).sum(1)
-                parts[k].append(c if c.shape[0] == B else c.expand(B, -1))
-        cols = []
-        for k, ps in enumerate(parts):
-            if not ps:
-                cols.append(self.x_used[0].new_zeros(B, L._dofs[k]))
-            else:
-                cols.append(ps[0] if len(ps) == 1 else torch.stack(ps).sum(0))
-        return torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
-
-    def _gn_matrix(self) -> Tensor:
-        """``M = JᵀJ`` (+ LM damping) at x*, from Theseus's dense linearization (no graph)."""
-        linear_solver = self.layer.optimizer.linear_solver
-        with torch.no_grad():  # reuses the Jacobians just computed (vectorized objectives)
-            linear_solver.linearization.linearize()
-            M = linear_solver.linearization.AtA.detach()
-        if self.kind == "levenberg_marquardt":
-            lam = torch.as_tensor(self.solve_kwargs["damping"], dtype=M.dtype, device=M.device)
-            if self.solve_kwargs.get("ellipsoidal_damping", False):
-                diag = lam.reshape(-1, 1) * M.diagonal(dim1=1, dim2=2)
-                M = M + torch.diag_embed(diag + self.solve_kwargs.get("damping_eps", 1e-8))
-            else:
-                eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
-                M = M + lam.reshape(-1, 1, 1) * eye
-        if M.shape[0] != self.B:
-            M = M.expand(self.B, -1, -1)
-        return M
-
-    def _factorise(self, M: Tensor) -> tuple[str, Tensor, Tensor | None]:
-        """Cholesky (LU for ``LUDenseSolver`` and ``newton``) of ``M``, judged per instance.
-
-        An instance is singular when the factorisation fails or ``rcond₁ ≤ eps``; it is then
-        excluded and its factor replaced by the identity. Ill-conditioned (``rcond₁ ≤ n·eps``)
-        instances are only flagged.
-        """
-        B, n, _ = M.shape
-        lu = self.kind == "newton" or isinstance(self.layer.optimizer.linear_solver,
-                                                 self.layer._th.LUDenseSolver)
-        if lu:
-            F, piv, status = torch.linalg.lu_factor_ex(M)
-            how = "lu"
-        else:
-            F, status = torch.linalg.cholesky_ex(M)
-            piv, how = None, "cholesky"
-        rcond = _rcond_estimate(M, how, F, piv)
-        eps = torch.finfo(M.dtype).eps
-        ok = (status == 0) & torch.isfinite(rcond) & (rcond > eps)
-        rcond = torch.where(status == 0, rcond, torch.zeros_like(rcond))
-        # rows excluded before (NaN data) were factored on a copy of another row's data
-        self.rcond = torch.where(self.excluded.to(rcond.device),
-                                 torch.full_like(rcond, math.nan), rcond)
-        fresh = ~ok.to(self.excluded.device) & ~self.excluded
-        self.singular = fresh
-        self.excluded = self.excluded | fresh
-        self.illcond = ok.to(self.excluded.device) & ~self.excluded & (rcond <= n * eps).to(
-            self.excluded.device)
-        if not bool(self.excluded.all()):
-            worst = float(rcond[~self.excluded.to(rcond.device)].min())
-            self.tol_floor = min(math.sqrt(eps), eps / worst) if worst > 0 else 0.0
-        if bool(self.excluded.all()):
-            raise fp.FoldError(
-                f"{self.matrix_name()} at x* is singular for instance(s) "
-                f"{instance_list(self.excluded)} (factorisation failed or reciprocal "
-                f"condition ≤ eps = {eps:.1e}; estimates {_fmt_list(rcond)}, size {n}): "
-                f"dx*/dθ is not defined there. Remedy: {self.remedy()}.")
-        if bool(self.excluded.any()):
-            bad = self.excluded.to(M.device)[:, None, None]
-            eye = torch.eye(n, dtype=M.dtype, device=M.device).expand(B, n, n)
-            F = torch.where(bad, eye, F)
-            if piv is not None:
-                ar = torch.arange(1, n + 1, dtype=piv.dtype, device=piv.device).expand(B, n)
-                piv = torch.where(bad[:, :, 0], ar, piv)
-        return how, F, piv
-
-    def _hessian(self, g: Tensor, xi: Tensor) -> Tensor:
-        """The full Hessian ``H = ∂g/∂ξ`` at x* from compressed VJPs (no graph).
-
-        Row block ``a`` of ``H`` is non-zero only in the columns of the variables that share a
-        cost function with ``a``; variables whose such column sets are disjoint get one colour
-        (distance-2 colouring) and are read off one VJP together, so a chain-structured problem
-        needs about ``3 · dof`` VJPs instead of ``n``.
-        """
-        B, n = g.shape
-        if not g.requires_grad:
-            raise fp.FoldError("step='newton': the gradient g = Jᵀr at x* does not depend on "
-                               "the optimisation variables (no graph); nothing to fold.")
-        L = self.layer
-        colors, colmask = L._hessian_coloring()
-        H = g.new_zeros(B, n, n)
-        count = 0
-        for members in colors:
-            for j in range(max(L._dofs[a] for a in members)):
-                rows = [L._starts[a] + j for a in members if j < L._dofs[a]]
-                v = g.new_zeros(B, n)
-                v[:, rows] = 1
-                (r,) = torch.autograd.grad(g, xi, v, retain_graph=True, allow_unused=True)
-                count += 1
-                if r is None:
-                    continue
-                r = r.detach()
-                for a in members:
-                    if j < L._dofs[a]:
-                        H[:, L._starts[a] + j] = r * colmask[a]
-        self.hessian_vjps = count
-        return H
-
-    def _theseus_solve(self) -> Tensor:
-        """Theseus's own ``linearize(_detach_hessian=True)`` + ``linear_solver.solve``: ``M⁻¹g``."""
-        linear_solver = self.layer.optimizer.linear_solver
-        linear_solver.linearization.linearize(_detach_hessian=True)
-        try:
-            return linear_solver.solve(**self.solve_kwargs)
-        except RuntimeError as exc:
-            if isinstance(exc, fp.FoldError):
-                raise
-            raise fp.FoldError(
-                f"{type(linear_solver).__name__}.solve failed at x* ({exc}); the "
-                f"{self.kind} system there is singular or not positive definite, so dx*/dθ "
-                "is not defined. Remedy: add a prior that fixes the free directions, or use "
-                "LevenbergMarquardt / step='newton'.") from exc
-
-
-class _FlooredSolver:
-    """The backward solver with its tolerance floored at ``min(√eps, eps / rcond₁(M))``.
-
-    Below about ``eps · cond(M)`` the residual of ``(I − Φᵀ) v = g`` is round-off: ``v ↦ v − Φᵀv``
-    goes through a solve with ``M``, and x* itself carries a relative error of that order. A
-    tighter tolerance would only spend ``maxiter`` iterations and warn (measured: a 30-pose SE2
-    graph in float32, cond(JᵀJ) ≈ 1.3e4, stalls at residual 1.1e-5 > 50·eps). The floor is
-    known once the step has factored ``M`` (the worst instance of the batch sets it), hence
-    this wrapper, read at backward time; the cap ``√eps`` keeps at least half the digits.
-    """
-
-    def __init__(self, solver: str | Callable, step: _TangentStep):
-        self.__name__, self.solve = get_solver(solver)
-        self.step = step
-
-    def __call__(self, matvec: Callable, b: Tensor, *, x0: Tensor | None = None, tol: float,
-                 maxiter: int | None, **options: Any):
-        return self.solve(matvec, b, x0=x0, tol=max(tol, self.step.tol_floor),
-                          maxiter=maxiter, **options)
-
-
-def _fmt_list(t: Tensor, limit: int = 5) -> str:
-    vals = [f"{v:.1e}" for v in t.detach().reshape(-1)[:limit].tolist()]
-    return "[" + ", ".join(vals) + (" …]" if t.numel() > limit else "]")
-
-
-def _rcond_estimate(M: Tensor, how: str, F: Tensor, piv: Tensor | None) -> Tensor:
-    """``(B,)`` estimate of ``1 / (‖M‖₁ ‖M⁻¹‖₁)`` from the factor of ``M``: O(n²) per instance.
-
-    ``‖M⁻¹‖₁`` by Hager's estimator (``y = M⁻¹x`` with ``x = 1/n``, ``z = M⁻ᵀ sign(y)``, then
-    ``M⁻¹e_j`` with ``j = argmax |z_j|``) plus Higham's vector ``x_i ∝ (−1)ⁱ(1 + i/(n−1))`` —
-    three calls of the factor's solve. Each probe ``‖M⁻¹x‖₁/‖x‖₁`` is a lower bound, so the
-    estimate never exceeds ``‖M⁻¹‖₁`` (``rcond`` is never too pessimistic, up to round-off in
-    the solves); it is usually within a factor 3. NaN where the factor is not usable.
-    """
-    B, n, _ = M.shape
-
-    def solve(X: Tensor, adjoint: bool = False) -> Tensor:  # X: (B, n, k)
-        if how == "cholesky":  # M⁻¹ = L⁻ᵀL⁻¹ (two triangular solves beat cholesky_solve)
-            return torch.linalg.solve_triangular(
-                F.mT, torch.linalg.solve_triangular(F, X, upper=False), upper=True)
-        return torch.linalg.lu_solve(F, piv, X, adjoint=adjoint)
-
-    # first probe x = 1/n and Higham's vector (scaled to ‖x‖₁ = 1) share one solve
-    i = torch.arange(n, dtype=M.dtype, device=M.device)
-    alt = (1 - 2 * (i % 2)) * (1 + i / max(n - 1, 1))
-    X = torch.stack([M.new_full((n,), 1.0 / n), alt / alt.abs().sum()], dim=1)
-    Y = solve(X.expand(B, n, 2).contiguous())
-    y = Y[..., 0]
-    est = Y.abs().sum(dim=1).amax(dim=1)
-    if n > 1:
-        z = solve(torch.where(y >= 0, 1.0, -1.0).to(M.dtype).unsqueeze(2), adjoint=True)
-        e = torch.zeros_like(y).scatter_(1, z.squeeze(2).abs().argmax(dim=1, keepdim=True), 1.0)
-        est = torch.maximum(est, solve(e.unsqueeze(2)).abs().sum(dim=(1, 2)))
-    norm1 = M.abs().sum(dim=-2).amax(dim=-1)
-    denom = norm1 * est
-    return torch.where(denom > 0, 1 / denom, torch.full_like(denom, math.nan))

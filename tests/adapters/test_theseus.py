@@ -236,22 +236,28 @@ def test_exp_fit_lu_solver_and_fold_kwargs_are_stripped():
     fd = exp_fd(y)
     layer = FoldedTheseusLayer(th.TheseusLayer(exp_optimizer(linear_solver_cls=th.LUDenseSolver)))
     yy = y.clone().requires_grad_(True)
-    values, info = layer({"y": yy, **exp_init(1)},
-                         optimizer_kwargs={"backward_mode": "fold", "fold_step": "newton",
-                                           "fold_backward": "dense", "track_err_history": True})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # "implicit" is what folding replaces
+        values, info = layer({"y": yy, **exp_init(1)},
+                             optimizer_kwargs={"backward_mode": "implicit", "fold_step": "newton",
+                                               "fold_backward": "dense",
+                                               "track_err_history": True})
     (g,) = torch.autograd.grad(exp_loss(values).sum(), yy)
     assert rel_err(g, fd) <= REL_TOL
     assert info.fold_info.extra["step"] == "newton" and info.fold_info.backward_solver == "dense"
     assert info.err_history is not None  # Theseus still saw its own keys
-    # a Theseus backward mode is ignored (once-per-layer warning): still the folded gradient
+    # an explicit "unroll" applies to unconverged instances only (one note): still folded here
     yy = y.clone().requires_grad_(True)
-    with pytest.warns(UserWarning, match="ignores optimizer_kwargs"):
-        values, _ = layer({"y": yy, **exp_init(1)}, {"backward_mode": "implicit"})
+    with pytest.warns(UserWarning, match="used only for the instances"):
+        values, _ = layer({"y": yy, **exp_init(1)}, {"backward_mode": "unroll"})
     (g,) = torch.autograd.grad(exp_loss(values).sum(), yy)
     assert rel_err(g, fd) <= REL_TOL
-    # Theseus itself rejects an unknown backward_mode: the key really was stripped
-    with pytest.raises(ValueError):
-        th.TheseusLayer(exp_optimizer())({"y": y, **exp_init(1)}, {"backward_mode": "fold"})
+    # an unknown backward_mode is refused exactly as Theseus refuses it
+    for bad in ("fold", -1):
+        with pytest.raises(ValueError):
+            th.TheseusLayer(exp_optimizer())({"y": y, **exp_init(1)}, {"backward_mode": bad})
+        with pytest.raises(ValueError):
+            layer({"y": y, **exp_init(1)}, {"backward_mode": bad})
 
 
 def test_learnable_parameter_inside_autodiff_closure():
@@ -435,19 +441,31 @@ def test_forward_nonconvergence_warns_naming_instances():
         sol, _ = th.TheseusLayer(exp_optimizer())({"y": y, **exp_init(3)})
     init = {k: v.clone() for k, v in sol.items()}
     init["a"][1], init["b"][1] = 0.2, 3.0  # instance 1 starts far away
-    opt = exp_optimizer(max_iterations=2)
     yy = y.clone().requires_grad_(True)
-    with pytest.warns(fp.FoldConvergenceWarning, match=r"instance\(s\) \[1\] of 3"):
-        values, info = FoldedTheseusLayer(opt)({"y": yy, **init})
+    with pytest.warns(UserWarning, match=r"instance\(s\) \[1\] of 3.*unrolled backward"):
+        values, info = FoldedTheseusLayer(exp_optimizer(max_iterations=2))({"y": yy, **init})
     (g,) = torch.autograd.grad(exp_loss(values).sum(), yy)
     fi = info.fold_info
     assert fi.forward_converged.tolist() == [True, False, True]
+    assert fi.extra["unrolled"].tolist() == [False, True, False]
     assert float(fi.forward_residual[1]) > 1e-6 >= float(fi.forward_residual[[0, 2]].max())
-    # the converged instances still get the exact gradient; the other one a finite one
+    # converged instances: the exact gradient; the truncated one: Theseus's unrolled gradient
     fd = exp_fd(y[[0, 2]])
-    assert rel_err(g[[0, 2]], fd) <= REL_TOL and bool(torch.isfinite(g).all())
+    assert rel_err(g[[0, 2]], fd) <= REL_TOL
+    y2 = y.clone().requires_grad_(True)
+    g_unroll = theseus_grad(exp_optimizer(max_iterations=2), {"y": y2, **init}, y2, exp_loss,
+                            "unroll")
+    assert float((g[1] - g_unroll[1]).abs().max()) <= 1e-10 * float(g_unroll[1].abs().max())
+    # unconverged="fold": folded anyway, one "biased" warning; strict or "raise": refused
+    with pytest.warns(fp.FoldConvergenceWarning, match=r"\[1\] of 3.*biased"):
+        FoldedTheseusLayer(exp_optimizer(max_iterations=2), unconverged="fold")(
+            {"y": yy, **init})
     with pytest.raises(fp.FoldError, match=r"\[1\] of 3"):
-        FoldedTheseusLayer(exp_optimizer(max_iterations=2), strict=True)({"y": yy, **init})
+        FoldedTheseusLayer(exp_optimizer(max_iterations=2), strict=True,
+                           unconverged="fold")({"y": yy, **init})
+    with pytest.raises(fp.FoldError, match=r"\[1\] of 3.*unconverged='raise'"):
+        FoldedTheseusLayer(exp_optimizer(max_iterations=2), unconverged="raise")(
+            {"y": yy, **init})
 
 
 def test_singular_system_raises_fold_error():
@@ -469,7 +487,9 @@ def test_singular_system_raises_fold_error():
 def test_bad_arguments():
     with pytest.raises(fp.FoldError, match="step must be one of"):
         FoldedTheseusLayer(exp_optimizer(), step="bfgs")
-    with pytest.raises(fp.FoldError, match="optimizer_or_layer"):
+    with pytest.raises(fp.FoldError, match="unconverged must be one of"):
+        FoldedTheseusLayer(exp_optimizer(), unconverged="never")
+    with pytest.raises(fp.FoldError, match="optimizer must be"):
         FoldedTheseusLayer(object())
     with pytest.raises(fp.FoldError, match="fixed_point_tol"):
         FoldedTheseusLayer(exp_optimizer(), fixed_point_tol=-1.0)
@@ -577,9 +597,10 @@ def test_inference_skips_fold_and_uses_theseus_status():
     # with a gradient wanted: one more linearisation (M at x*), and the step-length verdict
     opt = exp_optimizer(max_iterations=2, **default_tol)
     calls = _count_linearize(opt)
-    with pytest.warns(fp.FoldConvergenceWarning, match=r"\[1\] of 3"):
+    with pytest.warns(UserWarning, match=r"\[1\] of 3"):
         FoldedTheseusLayer(opt)({"y": y.clone().requires_grad_(True), **init})
-    assert calls[0] == plain_calls[0] + 1
+    # and, for the unconverged instance 1, Theseus's forward again with autograd (unroll)
+    assert calls[0] == 2 * plain_calls[0] + 1
 
     def flat(a, b, x, yv):
         return a + b - yv
@@ -679,7 +700,7 @@ def test_float32_well_posed_pose_graph(prior_scale):
 
 def test_rcond_estimate_against_exact():
     """The factor-based estimate of 1/(‖M‖₁‖M⁻¹‖₁) against torch.linalg.cond(M, 1)."""
-    from fold_plugins.adapters.theseus import _rcond_estimate
+    from fold_plugins.adapters._theseus_step import rcond_estimate as _rcond_estimate
 
     g = torch.Generator().manual_seed(0)
     n = 12

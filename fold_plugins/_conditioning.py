@@ -25,7 +25,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["krylov_rcond", "not_isolated_threshold", "rcond_from_factor", "roundoff_floor"]
+__all__ = ["krylov_rcond", "not_isolated_threshold", "operator_noise", "rcond_from_factor",
+           "roundoff_floor"]
 
 
 def not_isolated_threshold(dtype: torch.dtype, n: int) -> float:
@@ -48,6 +49,23 @@ def roundoff_floor(anorm: Tensor, xnorm: Tensor, bnorm: Tensor, n: int) -> Tenso
     eps = torch.finfo(xnorm.dtype).eps
     den = torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
     return 10.0 * math.sqrt(max(n, 1)) * eps * anorm * xnorm / den
+
+
+def operator_noise(matvec: Callable[[Tensor], Tensor], x: Tensor, seed: int = 0) -> Tensor:
+    """``(B,)`` absolute round-off of ``A`` at ``x``'s scale: ``‖A(x+w) − A x − A w‖ / √3``.
+
+    ``w`` is a random vector with ``‖w‖ = ‖x‖``. In exact arithmetic the defect is 0; in
+    floating point it is the error of three applications of ``A`` to vectors of that size —
+    the accuracy of the step's VJP, including round-off amplified inside the step (a
+    Cholesky solve of an ill-conditioned matrix …), which no dtype constant knows. Three
+    applications of ``A``.
+    """
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    w = torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
+    xn = x.norm(dim=1, keepdim=True)
+    w = w * torch.where(xn > 0, xn, torch.ones_like(xn)) / w.norm(dim=1, keepdim=True)
+    defect = matvec(x + w) - matvec(x) - matvec(w)
+    return defect.norm(dim=1) / math.sqrt(3.0)
 
 
 def rcond_from_factor(M: Tensor, how: str, F: Tensor, piv: Tensor | None) -> Tensor:

@@ -1,13 +1,21 @@
 """Differentiable Euclidean projections ``Π_C(x) = argmin_{z∈C} ½‖z − x‖²``, batched over all
 leading dims of ``x`` (the set lives on the last dim), keeping dtype and device.
 
-Kink convention (all projections, documented once): where ``x`` lies exactly on the boundary
-between two pieces of the piecewise-smooth map — a coordinate exactly at a bound, a point
-exactly on the sphere / hyperplane, a simplex coordinate exactly at the threshold — the
-derivative of the piece on which the constraint is *inactive* ("free") is used. This is one
-of the one-sided derivatives (an element of the B-subdifferential), it is finite, and it
-agrees with ``torch.clamp``'s convention (``∂clamp(x, lo, hi)/∂x = 1`` for ``lo ≤ x ≤ hi``).
-The set's parameters (bounds, radius, ``A``, ``b`` …) get the matching gradient.
+Weakly active convention (all projections, one rule): where ``x`` lies *at or within the
+band* ``δ = √eps · scale`` of the boundary between two pieces of the piecewise-smooth map — a
+coordinate at a bound, a point on the sphere / hyperplane, a simplex coordinate at the
+threshold — the constraint is *weakly active* and the derivative of the piece on which it is
+inactive ("free") is used. ``scale`` is the row's own magnitude (the largest ``|x_i|`` and the
+set's finite parameters, :func:`fold_plugins.steps._common.kink_band`), so the choice is
+decided by the problem, never by round-off: ``√eps ≈ 1.5e-8`` relative in float64,
+``3.5e-4`` in float32. The free derivative is one of the one-sided derivatives (an element of
+the B-subdifferential), it is finite, and it agrees with ``torch.clamp``'s rule. The value is
+always the exact projection; inside the band only the derivative is the free piece's. The
+set's parameters (bounds, radius, ``A``, ``b`` …) get the matching gradient.
+
+Inside :func:`fold_plugins.fold` each projection reports the number of weakly active
+constraints per instance (``FoldInfo.extra["weakly_active"]``, a ``(B,)`` int tensor): there
+the derivative is not unique, and a finite-difference check may legitimately disagree.
 
 Each projection is written as ``where(mask, smooth piece, other piece)`` with the mask (the
 active set) computed without grad, so autograd (including double backward and
@@ -24,7 +32,16 @@ import torch
 from torch import Tensor
 
 from ._errors import FoldError
-from .steps._common import ShapeError, as_tensor_like, bmtv, bmv, clip_free
+from .steps._common import (
+    ShapeError,
+    as_tensor_like,
+    bmtv,
+    bmv,
+    clip_free,
+    kink_band,
+    note_weakly_active,
+    value_of,
+)
 
 __all__ = ["nonnegative", "box", "simplex", "k_subset", "l2_ball", "l1_ball", "affine",
            "halfspace", "polytope"]
@@ -94,8 +111,9 @@ def simplex(x: Tensor, radius: float | Tensor = 1.0) -> Tensor:
     """Projection onto ``{z ≥ 0, 1ᵀz = r}`` (sort-based, ``O(n log n)``): ``z = max(x − τ, 0)``.
 
     Jacobian on the support ``S = {x_i ≥ τ}``: ``diag(1_S) − 1_S 1_Sᵀ/|S|``; ``∂z/∂r = 1_S/|S|``.
-    A coordinate exactly at the threshold (``x_i = τ``) counts as in the support (free
-    convention). ``radius > 0``: number, 0-d, or one per row (``x.shape[:-1]``).
+    A coordinate within the weakly active band of the threshold (``|x_i − τ| ≤ δ``) counts as
+    in the support (free convention). ``radius > 0``: number, 0-d, or one per row
+    (``x.shape[:-1]``).
     """
     _check_x(x, "simplex")
     r = _row_param(radius, x, "radius", "simplex")
@@ -103,10 +121,14 @@ def simplex(x: Tensor, radius: float | Tensor = 1.0) -> Tensor:
         raise FoldError(f"simplex: radius must be > 0, got min {float(r.min()):.3g}.")
     with torch.no_grad():
         tau0 = _simplex_tau(x.detach(), r.detach())
-        mask = x.detach() >= tau0
+        exact = (x.detach() - tau0).clamp_min(0)
+        delta = kink_band(x, r, tau0)
+        weak = (x.detach() - tau0).abs() <= delta
+        mask = x.detach() >= tau0 - delta  # the band counts as support (free)
     mf = mask.to(x.dtype)
     tau = ((x * mf).sum(-1, keepdim=True) - r) / mf.sum(-1, keepdim=True)
-    return torch.where(mask, x - tau, torch.zeros_like(x))
+    note_weakly_active(weak)
+    return value_of(torch.where(mask, x - tau, torch.zeros_like(x)), exact)
 
 
 def _k_subset_tau(x: Tensor, k: Tensor) -> Tensor:
@@ -177,45 +199,65 @@ def k_subset(x: Tensor, k: float | Tensor, *, iters: int | None = None) -> Tenso
                 nf.clamp_min(1)
             tau = torch.where(nf > 0, t_new, tau)
         d = xd - tau
-        F = (d >= 0) & (d <= 1)
-        U = d > 1
+        exact = d.clamp(0, 1)
+        delta = kink_band(x, kk, tau)
+        weak = (d.abs() <= delta) | ((d - 1).abs() <= delta)
+        F = (d >= -delta) & (d <= 1 + delta)  # the bands count as free
+        U = d > 1 + delta
     Ff = F.to(x.dtype)
     nf = Ff.sum(-1, keepdim=True)
     tau_g = ((x * Ff).sum(-1, keepdim=True) + U.sum(-1, keepdim=True).to(x.dtype) - kk) / \
         nf.clamp_min(1)
-    return torch.where(F, x - tau_g, U.to(x.dtype))
+    note_weakly_active(weak)
+    return value_of(torch.where(F, x - tau_g, U.to(x.dtype)), exact)
 
 
 def l2_ball(x: Tensor, radius: float | Tensor = 1.0) -> Tensor:
     """Projection onto ``{‖z‖₂ ≤ r}`` (last dim): ``x · min(1, r/‖x‖)``; identity Jacobian on
-    ``‖x‖ = r`` (free convention), ``(r/‖x‖)(I − x̂x̂ᵀ)`` outside."""
+    (and within the weakly active band of) ``‖x‖ = r`` (free convention), ``(r/‖x‖)(I − x̂x̂ᵀ)``
+    outside."""
     _check_x(x, "l2_ball")
     r = _row_param(radius, x, "radius", "l2_ball")
     if bool((r.detach() < 0).any()):
         raise FoldError(f"l2_ball: radius must be ≥ 0, got min {float(r.min()):.3g}.")
     nrm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    out = nrm > r
+    with torch.no_grad():
+        nd, rd = nrm.detach(), r.detach()
+        exact = torch.where(nd > rd, x.detach() * (rd / torch.where(nd > rd, nd, torch.ones_like(
+            nd))), x.detach())
+        delta = kink_band(nd, rd)
+        weak = (nd - rd).abs() <= delta
+        out = nd > rd + delta  # on (or within the band of) the sphere: free
     safe = torch.where(out, nrm, torch.ones_like(nrm))
-    return torch.where(out, x * (r / safe), x)
+    note_weakly_active(weak.squeeze(-1))
+    return value_of(torch.where(out, x * (r / safe), x), exact)
 
 
 def l1_ball(x: Tensor, radius: float | Tensor = 1.0) -> Tensor:
-    """Projection onto ``{‖z‖₁ ≤ r}`` (last dim): identity inside (and on the sphere: free),
-    else ``sign(x) max(|x| − τ, 0)`` with ``τ`` from the simplex projection of ``|x|``;
-    coordinates with ``|x_i| = τ`` count as in the support."""
+    """Projection onto ``{‖z‖₁ ≤ r}`` (last dim): identity inside (and on or within the band of
+    the sphere: free), else ``sign(x) max(|x| − τ, 0)`` with ``τ`` from the simplex projection
+    of ``|x|``; coordinates within the band of ``|x_i| = τ`` count as in the support."""
     _check_x(x, "l1_ball")
     r = _row_param(radius, x, "radius", "l1_ball")
     if bool((r.detach() <= 0).any()):
         raise FoldError(f"l1_ball: radius must be > 0, got min {float(r.min()):.3g}.")
     a = x.abs()
     with torch.no_grad():
-        inside = a.sum(-1, keepdim=True) <= r.detach()
-        tau0 = _simplex_tau(a.detach(), r.detach())
-        mask = a.detach() >= tau0
+        ad, rd = a.detach(), r.detach()
+        s1 = ad.sum(-1, keepdim=True)
+        tau0 = _simplex_tau(ad, rd)
+        exact = torch.where(s1 <= rd, x.detach(), torch.sign(x.detach()) * (ad - tau0).clamp_min(0))
+        delta = kink_band(x, rd, tau0)
+        band_r = kink_band(s1, rd)
+        inside = s1 <= rd + band_r  # on (or within the band of) the sphere: free
+        weak_sphere = (s1 - rd).abs() <= band_r
+        weak = ((ad - tau0).abs() <= delta) & ~inside
+        mask = ad >= tau0 - delta
     mf = mask.to(x.dtype)
     tau = ((a * mf).sum(-1, keepdim=True) - r) / mf.sum(-1, keepdim=True).clamp_min(1)
     proj = torch.sign(x) * torch.where(mask, a - tau, torch.zeros_like(x))
-    return torch.where(inside, x, proj)
+    note_weakly_active(torch.cat([weak, weak_sphere], dim=-1))
+    return value_of(torch.where(inside, x, proj), exact)
 
 
 def _check_rows(x: Tensor, M: Tensor, v: Tensor | None, nameM: str, namev: str,
@@ -259,7 +301,7 @@ def affine(x: Tensor, A: Tensor, b: Tensor) -> Tensor:
 
 def halfspace(x: Tensor, a: Tensor, b: float | Tensor) -> Tensor:
     """Projection onto ``{z : aᵀz ≤ b}``: ``x − max(aᵀx − b, 0)/‖a‖² · a``; identity Jacobian
-    on the hyperplane (free convention).
+    on (and within the weakly active band of) the hyperplane (free convention).
 
     Args:
         x: ``(..., n)``. a: ``(n,)`` or ``x.shape``. b: number, 0-d or ``x.shape[:-1]``.
@@ -271,8 +313,17 @@ def halfspace(x: Tensor, a: Tensor, b: float | Tensor) -> Tensor:
                          f"expected ({x.shape[-1]},) or {tuple(x.shape)}.")
     bb = _row_param(b, x, "b", "halfspace")
     viol = (x * a).sum(-1, keepdim=True) - bb
-    out = viol > 0
-    return torch.where(out, x - viol / (a * a).sum(-1, keepdim=True) * a, x)
+    with torch.no_grad():
+        vd = viol.detach()
+        ad = a.detach()
+        exact = torch.where(vd > 0, x.detach() - vd / (ad * ad).sum(-1, keepdim=True) * ad,
+                            x.detach())
+        # the band in units of aᵀx: √eps times the scale of its terms and of b
+        delta = kink_band((x.detach() * ad).abs().sum(-1, keepdim=True), bb.detach())
+        weak = vd.abs() <= delta
+        out = vd > delta  # on (or within the band of) the hyperplane: free
+    note_weakly_active(weak.squeeze(-1))
+    return value_of(torch.where(out, x - viol / (a * a).sum(-1, keepdim=True) * a, x), exact)
 
 
 def polytope(x: Tensor, A: Tensor | None = None, b: Tensor | None = None,

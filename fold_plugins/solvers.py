@@ -24,7 +24,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ._conditioning import krylov_rcond, not_isolated_threshold, rcond_from_factor, roundoff_floor
+from ._conditioning import (
+    krylov_rcond,
+    not_isolated_threshold,
+    operator_noise,
+    rcond_from_factor,
+    roundoff_floor,
+)
 from ._errors import FoldError
 
 __all__ = ["SOLVERS", "SolveInfo", "auto", "bicgstab", "dense", "fixed_point", "get_solver",
@@ -113,8 +119,15 @@ def _verdict(matvec: MatVec, b: Tensor, x: Tensor, res: Tensor, tol: float, anor
     extra["rcond_estimate"] = rc
     singular = missed & (rc <= not_isolated_threshold(b.dtype, n))
     extra["not_isolated"] = singular
+    # round-off inside the step (e.g. a Cholesky solve of an ill-conditioned matrix) makes the
+    # operator itself inexact: measure it by its defect of linearity at x's scale
+    noise = operator_noise(matvec, x)
+    den = b.norm(dim=1)
+    floor = torch.maximum(floor, 10 * noise / torch.where(den > 0, den, torch.ones_like(den)))
+    floor = torch.minimum(floor, torch.full_like(floor, math.sqrt(torch.finfo(b.dtype).eps)))
+    extra["roundoff_floor"] = floor
     converged = converged | (missed & ~singular & (res <= floor))
-    return converged, k
+    return converged, k + 3
 
 
 def fixed_point(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e-10,

@@ -56,6 +56,7 @@ factorisation at x*, and forward convergence is Theseus's own per-instance statu
 from __future__ import annotations
 
 import math
+import pickle
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -201,6 +202,19 @@ class FoldedTheseusLayer(FoldedModule):
         """Samples around the solution from the linear system (``th.TheseusLayer``'s, LEO)."""
         return self.layer.compute_samples(linear_solver, n_samples=n_samples,
                                           temperature=temperature)
+
+    def __deepcopy__(self, memo: dict) -> FoldedTheseusLayer:
+        """A deep copy made by pickling. Theseus's ``Variable.__deepcopy__`` renames each
+        variable (``a`` → ``a_copy``), which disconnects the optimizer's linearization from the
+        objective: a deep-copied ``th.TheseusLayer`` returns its initial values unsolved."""
+        try:
+            return pickle.loads(pickle.dumps(self))
+        except (pickle.PicklingError, AttributeError, TypeError) as exc:
+            raise fp.FoldError(
+                f"FoldedTheseusLayer cannot be deep-copied: its objective does not pickle "
+                f"({exc}). Define cost-function callables at module level (not as lambdas or "
+                "local functions); Theseus's own deepcopy would leave the copy unsolvable."
+            ) from exc
 
     def extra_repr(self) -> str:
         return f"step={self.step!r}, unconverged={self.unconverged!r}, " + super().extra_repr()

@@ -421,8 +421,8 @@ def test_generic_linear_solver_path(opt_cls):
 
 @pytest.mark.skipif(
     __import__("importlib").util.find_spec("sksparse") is None,
-    reason="scikit-sparse is not installed (CI does not install it; see DESIGN.md for how it "
-           "builds against libsuitesparse-dev), so th.CholmodSparseSolver is unavailable")
+    reason="scikit-sparse is not installed, so th.CholmodSparseSolver is unavailable (install "
+           "scikit-sparse, which builds against libsuitesparse-dev, to run this test)")
 def test_cholmod_sparse_solver():  # pragma: no cover - needs scikit-sparse
     make, q, init, loss = registration("SE2", noise=0.3, linear_solver_cls=th.CholmodSparseSolver)
     ref = th.TheseusLayer(make())

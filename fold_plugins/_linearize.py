@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,7 +16,8 @@ import torch
 from torch import Tensor
 
 from . import _record
-from ._errors import FoldError
+from ._capture import StepRecorder, functorch_active, is_functorch_tensor, reach
+from ._errors import FoldConvergenceWarning, FoldError
 from ._state import (
     State,
     as_parts,
@@ -26,6 +28,14 @@ from ._state import (
 )
 
 __all__ = ["Linearization", "linearize"]
+
+_FUNCTORCH_MESSAGE = (
+    "fp.fold does not support torch.func transforms (torch.func.grad, jacrev, jacfwd, jvp, "
+    "vjp, vmap, functional_call under them): it runs a forward solve outside autograd and "
+    "differentiates one step with torch.autograd inside. Use torch.autograd.grad / .backward "
+    "(also double backward), torch.autograd.functional.{jacobian, hessian, hvp, vhp, jvp}, or "
+    "torch.autograd.forward_ad for forward mode — all exact through fold — and the batch "
+    "dimension (batched=True) instead of vmap.")
 
 
 # ----------------------------------------------------------------------------- state handling
@@ -65,8 +75,23 @@ class _Spec:
 
 def _validate(x_parts: tuple[Tensor, ...], params: tuple[Any, ...], batched: bool,
               tuple_state: bool) -> torch.dtype:
-    validate_state(x_parts, tuple_state, batched, "x_star", same_layout=True, finite=True)
+    named = [(f"x_star[{i}]" if tuple_state else "x_star", t) for i, t in enumerate(x_parts)]
+    named += [(f"params[{i}]", p) for i, p in enumerate(params) if isinstance(p, Tensor)]
+    if functorch_active() or any(is_functorch_tensor(t) for _, t in named):
+        raise FoldError(_FUNCTORCH_MESSAGE)
+    for name, t in named:
+        if t.device.type == "meta":
+            raise FoldError(f"{name} is a meta tensor (no values): fold needs the actual "
+                            "solution to take a step at it; materialise it (e.g. .to('cpu')) "
+                            "first.")
     dtype = x_parts[0].dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        raise FoldError(
+            f"x_star is {dtype}: the folded backward solves a linear system whose round-off "
+            f"in {dtype} (eps {torch.finfo(dtype).eps:.0e}) exceeds any useful tolerance, and "
+            "several torch linear-algebra kernels do not exist for it. Cast x_star and params "
+            "to float32 (or float64) for fold, and cast the result back if you need to.")
+    validate_state(x_parts, tuple_state, batched, "x_star", same_layout=True, finite=True)
     for i, p in enumerate(params):
         if isinstance(p, Tensor):
             check_finite(p, f"params[{i}]")
@@ -92,12 +117,39 @@ class Linearization:
         self.spec = _Spec(x_parts, batched)
         self.tuple_state = tuple_state
         self.x_parts = tuple(t.detach().requires_grad_(True) for t in x_parts)
-        with torch.enable_grad(), _record.collect() as notes:
-            out = step(tuple(self.x_parts) if tuple_state else self.x_parts[0], *params)
+        recorder = StepRecorder(self.x_parts, params)
+        try:
+            with torch.enable_grad(), _record.collect() as notes, recorder:
+                out = step(tuple(self.x_parts) if tuple_state else self.x_parts[0], *params)
+        except RuntimeError as exc:
+            if "in-place" in str(exc) or "inplace" in str(exc):
+                raise FoldError(
+                    f"step modified a tensor in place ({exc}); the folded backward needs the "
+                    "step's inputs unchanged: write the step out of place, or clone first."
+                ) from exc
+            raise
         self.notes = notes  # what the step's building blocks reported (e.g. weakly active)
         out_parts = self._check_output(out)
         self.out_parts = out_parts
         self._diff = [i for i, o in enumerate(out_parts) if o.requires_grad]
+        # every tensor the step reads that requires grad: explicit params first, then captured
+        explicit = [p for p in params if isinstance(p, Tensor) and p.requires_grad]
+        seen = {id(p) for p in explicit}
+        captured = [t for k, t in recorder.captured.items() if k not in seen]
+        self.explicit = explicit
+        self.captured = captured
+        for j, t in enumerate(captured):
+            check_finite(t, f"a tensor captured by step (#{j}, shape {tuple(t.shape)}, "
+                            f"{t.dtype})")
+        walk = reach([out_parts[i] for i in self._diff], self.x_parts, explicit + captured)
+        #: tensors the output depends on: the inputs of the folded op (double backward, JVPs)
+        self.inputs = [t for t in explicit + captured if id(t) in walk.reached]
+        #: a dependency the recorder missed: first order still exact, higher order refused
+        self.complete = not walk.unknown
+        self._unreached = ([i for i, p in enumerate(params) if isinstance(p, Tensor)
+                            and p.requires_grad and id(p) not in walk.reached],
+                           [t for t in captured if id(t) not in walk.reached])
+        self._jt: tuple[Tensor, Tensor] | None = None
 
     def _check_output(self, out: Any) -> tuple[Tensor, ...]:
         return check_step_output(out, self.x_parts, self.tuple_state)
@@ -106,27 +158,25 @@ class Linearization:
     def requires_grad(self) -> bool:
         """Whether the step's output depends on any tensor that needs a gradient besides ``x``.
 
-        Walks the one-step graph until it meets a leaf other than the state copies (cheap: it
-        stops at the first such leaf). Without one the folded backward would be a pointless
-        solve, so :func:`fold` returns the value without a graph.
+        Without one the folded backward would be a pointless solve, so :func:`fold` returns the
+        value without a graph.
         """
-        if not self._diff:
-            return False
-        own = {id(x) for x in self.x_parts}
-        seen: set[int] = set()
-        stack = [self.out_parts[i].grad_fn for i in self._diff]
-        while stack:
-            node = stack.pop()
-            if node is None or id(node) in seen:
-                continue
-            seen.add(id(node))
-            var = getattr(node, "variable", None)
-            if var is not None:  # an AccumulateGrad node: a leaf that requires grad
-                if id(var) not in own:
-                    return True
-                continue
-            stack.extend(nf for nf, _ in node.next_functions)
-        return False
+        return bool(self.inputs) or not self.complete
+
+    def warn_unreached(self) -> None:
+        """One warning naming params / captured tensors that require grad but that the step's
+        output does not depend on differentiably (they would silently get no gradient)."""
+        params, captured = self._unreached
+        if not params and not captured:
+            return
+        names = [f"params[{i}]" for i in params]
+        names += [f"a captured tensor of shape {tuple(t.shape)}" for t in captured]
+        warnings.warn(
+            f"{', '.join(names)} require(s) grad but the step's output does not depend on "
+            "it differentiably (detached, or computed outside torch, e.g. in numpy?): it gets "
+            "no gradient from fold. Compute the step with torch operations on the tensor "
+            "itself, or pass it with requires_grad=False if that is intended.",
+            FoldConvergenceWarning, stacklevel=4)
 
     def residual(self) -> Tensor:
         """``(B,)`` relative fixed-point residual ``‖U(x*) − x*‖ / (1 + ‖x*‖)``."""
@@ -137,6 +187,30 @@ class Linearization:
         """``Φᵀ v`` for ``v`` of shape ``(B, n)``."""
         return self._vjp(v, batched=False)
 
+    def jvp(self, u: Tensor) -> Tensor:
+        """``Φ u`` for ``u`` of shape ``(B, n)``, by the double-VJP identity
+        ``Φu = ∂/∂y ⟨Φᵀy, u⟩`` on a graph of ``y ↦ Φᵀy`` built once per linearization."""
+        if not self._diff:
+            return torch.zeros_like(u)
+        if self._jt is None:
+            with torch.enable_grad():
+                y = torch.zeros_like(u).requires_grad_(True)
+                self._jt = (y, self._vjp(y, batched=False, create_graph=True))
+        y, jt = self._jt
+        if not jt.requires_grad:  # Φᵀy does not depend on y: Φ = 0
+            return torch.zeros_like(u)
+        (out,) = torch.autograd.grad(jt, y, u, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(u) if out is None else out
+
+    def input_vjp(self, v: Tensor, create_graph: bool = False) -> list[Tensor]:
+        """``Ψᵀ v`` for every tensor in :attr:`inputs` (zeros where it is unused)."""
+        outs = [self.out_parts[i] for i in self._diff]
+        cot = self.spec.unflatten(v)
+        grads = torch.autograd.grad(outs, self.inputs, [cot[i] for i in self._diff],
+                                    retain_graph=True, allow_unused=True,
+                                    create_graph=create_graph)
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.inputs)]
+
     def vjp_batched(self, V: Tensor) -> Tensor:
         """``Φᵀ V[k]`` for each ``k``, ``V`` of shape ``(k, B, n)`` (vmapped autograd)."""
         try:
@@ -145,7 +219,7 @@ class Linearization:
             # some ops have no batching rule: fall back to one VJP per row
             return torch.stack([self._vjp(V[i], batched=False) for i in range(V.shape[0])])
 
-    def _vjp(self, v: Tensor, batched: bool) -> Tensor:
+    def _vjp(self, v: Tensor, batched: bool, create_graph: bool = False) -> Tensor:
         lead = (v.shape[0],) if batched else ()
         if not self._diff:
             return torch.zeros_like(v)
@@ -153,7 +227,7 @@ class Linearization:
         outs = [self.out_parts[i] for i in self._diff]
         grads = torch.autograd.grad(outs, self.x_parts, [cot[i] for i in self._diff],
                                     retain_graph=True, allow_unused=True,
-                                    is_grads_batched=batched)
+                                    is_grads_batched=batched, create_graph=create_graph)
         rows = []
         for g, size in zip(grads, self.spec.sizes):
             if g is None:

@@ -12,22 +12,21 @@ through plain autograd of that one step — so every tensor the step touched (ex
 
 from __future__ import annotations
 
+import inspect
 import math
-import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from ._errors import FoldConvergenceWarning, FoldError, instance_list, report_unconverged
-from ._linearize import Linearization, _IminusPhiT, linearize
+from ._adjoint import Adjoint, FoldVJP
+from ._errors import FoldConvergenceWarning, FoldError, instance_list
+from ._linearize import Linearization, linearize
 from ._state import State
-from ._verdicts import backward_remedy
-from .solvers import SolveInfo, get_solver
+from .solvers import get_solver
 
 __all__ = ["FoldInfo", "Linearization", "default_fixed_point_tol", "fold", "linearize"]
 
@@ -104,93 +103,62 @@ def default_fixed_point_tol(dtype: torch.dtype) -> float:
 
 # ----------------------------------------------------------------------------- autograd op
 
-class _Backward:
-    """State carried from forward to backward of the folded op."""
-
-    def __init__(self, lin: Linearization, solver: str | Callable, tol: float,
-                 maxiter: int | None, strict: bool, info: FoldInfo, solver_options: dict):
-        self.lin = lin
-        self.solver_name, self.solver = get_solver(solver)
-        self.tol = tol
-        self.maxiter = maxiter
-        self.strict = strict
-        self.info = info
-        self.solver_options = solver_options
-
-    def solve(self, grads: Sequence[Tensor | None]) -> list[Tensor]:
-        lin = self.lin
-        g = lin.spec.flatten(list(grads), lin.x_parts).detach()
-        finite = torch.isfinite(g).all(dim=1)
-        all_finite = bool(finite.all())
-        if not all_finite:
-            # NaN in, NaN out for those instances, without spending a solve on them
-            msg = (f"the incoming gradient of fold's output is NaN/Inf for instance(s) "
-                   f"{instance_list(~finite)}: it comes from upstream of fold (the loss or "
-                   "later layers); those instances get NaN gradients")
-            if self.strict:
-                raise FoldError(msg)
-            warnings.warn(msg, FoldConvergenceWarning, stacklevel=3)
-            g = torch.where(finite[:, None], g, torch.zeros_like(g))
-        op = _IminusPhiT(lin)
-        t0 = time.perf_counter()
-        v, sinfo = self.solver(op, g, x0=None, tol=self.tol, maxiter=self.maxiter,
-                               **self.solver_options)
-        self.info.backward_time = time.perf_counter() - t0
-        self._record(sinfo, op.count)
-        self._judge(sinfo)
-        if not all_finite:
-            v = torch.where(finite[:, None], v, torch.full_like(v, float("nan")))
-        return lin.spec.unflatten(v)
-
-    def zero(self) -> list[Tensor]:
-        """A zero cotangent: ``v = 0`` exactly, no solve."""
-        xs = self.lin.x_parts
-        B, dev = self.lin.spec.B, xs[0].device
-        self._record(SolveInfo(torch.zeros(B, dtype=torch.int64, device=dev),
-                               torch.zeros(B, dtype=xs[0].dtype, device=dev),
-                               torch.ones(B, dtype=torch.bool, device=dev), 0,
-                               self.solver_name), 0)
-        return [torch.zeros_like(x) for x in xs]
-
-    def _record(self, s: SolveInfo, count: int) -> None:
-        info = self.info
-        # a dispatching solver (``auto``) names what actually ran: "auto (dense)"
-        ran = getattr(s, "solver", "")
-        info.backward_solver = (self.solver_name if not ran or ran == self.solver_name
-                                else f"{self.solver_name} ({ran})")
-        info.backward_iterations = s.iterations
-        info.backward_residual = s.residual
-        info.backward_converged = s.converged
-        info.backward_matvecs = count
-        if getattr(s, "diverged", None) is not None:
-            info.extra["backward_diverged"] = s.diverged
-
-    def _judge(self, s: SolveInfo) -> None:
-        bad = ~s.converged
-        if not bool(bad.any()):
-            return
-        remedy = backward_remedy(s, self.solver_name, self.maxiter)
-        what = (f"folded backward ({self.solver_name}, tol {self.tol:.1e}, "
-                f"{int(s.iterations[bad].max())} iterations; error = relative residual)")
-        report_unconverged(bad, s.residual, what, remedy, self.strict, stacklevel=5)
-
-
 class _FoldFunction(torch.autograd.Function):
-    """Forward: ``x*`` (clones). Backward: ``v = (I − Φᵀ)⁻¹ g`` sent into the step's graph."""
+    """Forward: ``x*`` (clones). Backward: eq. (1) of :mod:`fold_plugins._adjoint`.
+
+    Inputs: ``(adj, x_values, n_out, *out_parts, *inputs)`` — ``out_parts`` is the step's
+    output ``U(x*, θ)`` with its graph, ``inputs`` every tensor that graph depends on (see
+    :class:`fold_plugins._linearize.Linearization`).
+
+    * first order: ``v = (I − Φᵀ)⁻¹ g`` is sent into the step's graph through ``out_parts``,
+      so autograd delivers ``Ψᵀ v`` to everything the step touched;
+    * recorded backward (``create_graph=True``): the gradients of ``inputs`` come from
+      :class:`fold_plugins._adjoint.FoldVJP`, whose own backward is exact;
+    * forward mode: the tangent of ``out_parts`` is ``Ψ t``; ``u = (I − Φ)⁻¹ Ψ t`` (eq. 2).
+    """
 
     @staticmethod
-    def forward(ctx, state: _Backward, x_values: tuple[Tensor, ...], *out_parts: Tensor):
-        ctx.state = state
+    def forward(adj: Adjoint, x_values: tuple[Tensor, ...], n_out: int, *tensors: Tensor):
         return tuple(x.clone() for x in x_values)
 
     @staticmethod
-    @once_differentiable
+    def setup_context(ctx, inputs, output):
+        adj, _, n_out = inputs[:3]
+        ctx.adj, ctx.n_out = adj, n_out
+        ctx.n_inputs = len(inputs) - 3 - n_out
+        ctx.save_for_backward(*output, *inputs[3 + n_out:])
+
+    @staticmethod
     def backward(ctx, *grads: Tensor):
-        state: _Backward = ctx.state
-        if all(g is None or not bool(g.any()) for g in grads):
-            return (None, None, *state.zero())
-        v = state.solve(grads)
-        return (None, None, *v)
+        adj: Adjoint = ctx.adj
+        n_out, n_in = ctx.n_out, ctx.n_inputs
+        if not torch.is_grad_enabled():  # plain backward
+            v = adj.solve_adjoint(grads)
+            return (None, None, None, *adj.lin.spec.unflatten(v), *([None] * n_in))
+        # create_graph=True: the gradient must itself be differentiable
+        lin = adj.lin
+        if not lin.complete:
+            raise FoldError(
+                "double backward through fp.fold needs every tensor the step depends on, and "
+                "the step's graph reaches a tensor fold did not see being read (e.g. through a "
+                "custom C++ op or autograd.Function): pass that tensor explicitly as a param "
+                "of fold, or differentiate only once (without create_graph=True).")
+        saved = ctx.saved_tensors
+        x_s, inputs = saved[:n_out], saved[n_out:]
+        g = [torch.zeros_like(x) if gi is None else gi for gi, x in zip(grads, x_s)]
+        if not inputs:
+            return (None, None, None, *([None] * (n_out + n_in)))
+        grads_in = FoldVJP.apply(adj, n_out, *g, *x_s, *inputs)
+        return (None, None, None, *([None] * n_out), *grads_in)
+
+    @staticmethod
+    def jvp(ctx, adj_t, x_values_t, n_out_t, *tangents: Tensor | None):
+        adj: Adjoint = ctx.adj
+        lin = adj.lin
+        t_out = tangents[:ctx.n_out]
+        rhs = lin.spec.flatten([None if t is None else t.detach() for t in t_out], lin.x_parts)
+        u = adj.solve_tangent(rhs)
+        return tuple(lin.spec.unflatten(u))
 
 
 def _merge_notes(notes: dict[str, list[Any]]) -> dict[str, Any]:
@@ -238,20 +206,103 @@ def fold(step: Callable, x_star: State, *params: Any, solver: str | Callable = "
     Returns:
         A tensor (tuple) equal to ``x_star`` bit for bit; with ``return_info``, ``(x, info)``.
     """
-    if not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
-        raise FoldError(f"tol must be a finite number ≥ 0, got {tol!r}.")
-    if maxiter is not None and (not isinstance(maxiter, int) or maxiter < 1):
-        raise FoldError(f"maxiter must be a positive int or None, got {maxiter!r}.")
-    get_solver(solver)  # an unknown name fails here, not in backward
+    _check_options(tol, maxiter, fixed_point_tol, batched, solver, solver_options)
     lin = linearize(step, x_star, *params, batched=batched)
     info = info if info is not None else FoldInfo()
     info.batch_size = lin.spec.B
+    if lin.spec.B == 0 or lin.spec.n == 0:  # nothing to solve: an empty result, no graph
+        info.fixed_point_residual = lin.x_parts[0].new_zeros(lin.spec.B)
+        out = tuple(x.detach().clone() for x in lin.x_parts)
+        result = tuple(out) if lin.tuple_state else out[0]
+        return (result, info) if return_info else result
     res = lin.residual()
     info.fixed_point_residual = res
     info.extra.update(_merge_notes(lin.notes))
+    excluded = _check_fixed_point(lin, res, fixed_point_tol, strict)
+    if excluded is not None:
+        info.extra["nonfinite_step"] = excluded
+    x_values = tuple(t.detach() for t in lin.x_parts)
+    if torch.is_grad_enabled() or _forward_ad_active(params, lin):
+        lin.warn_unreached()
+    if not (torch.is_grad_enabled() and lin.requires_grad) and not _forward_ad_active(params,
+                                                                                      lin):
+        out = tuple(x.clone() for x in x_values)
+    else:
+        adj = Adjoint(lin, solver, tol, maxiter, strict, info, dict(solver_options or {}))
+        adj.excluded = excluded
+        out = _FoldFunction.apply(adj, x_values, len(lin.out_parts), *lin.out_parts,
+                                  *lin.inputs)
+    result = tuple(out) if lin.tuple_state else out[0]
+    return (result, info) if return_info else result
+
+
+def _forward_ad_active(params: tuple[Any, ...], lin: Linearization) -> bool:
+    """Whether some input carries a forward-mode tangent (``torch.autograd.forward_ad``)."""
+    from torch.autograd import forward_ad
+    if forward_ad._current_level < 0:
+        return False
+    return any(forward_ad.unpack_dual(t).tangent is not None
+               for t in list(lin.inputs) + [p for p in params if isinstance(p, Tensor)])
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_options(tol: Any, maxiter: Any, fixed_point_tol: Any, batched: Any, solver: Any,
+                   solver_options: Any) -> None:
+    """Every keyword of :func:`fold` checked at the call (not later in backward)."""
+    if not _is_number(tol) or not math.isfinite(tol) or tol < 0:
+        raise FoldError(f"tol must be a finite number ≥ 0, got {tol!r}.")
+    if maxiter is not None and (not isinstance(maxiter, int) or isinstance(maxiter, bool)
+                                or maxiter < 1):
+        raise FoldError(f"maxiter must be a positive int or None, got {maxiter!r}.")
+    if fixed_point_tol is not None and (not _is_number(fixed_point_tol)
+                                        or not fixed_point_tol >= 0):
+        raise FoldError(f"fixed_point_tol must be a number ≥ 0 (inf: no check) or None (the "
+                        f"dtype's default), got {fixed_point_tol!r}.")
+    if not isinstance(batched, bool):
+        raise FoldError(f"batched must be True or False, got {batched!r}.")
+    name, fn = get_solver(solver)  # an unknown name fails here, not in backward
+    if solver_options is None:
+        return
+    if not isinstance(solver_options, dict):
+        raise FoldError(f"solver_options must be a dict of keywords for the solver, got "
+                        f"{type(solver_options).__name__}.")
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to check against
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return
+    known = [k for k, p in sig.parameters.items()
+             if p.kind is p.KEYWORD_ONLY and k not in ("x0", "tol", "maxiter")]
+    unknown = [k for k in solver_options if k not in known]
+    if unknown:
+        raise FoldError(f"solver_options has {unknown} which solver {name!r} does not take; "
+                        f"it accepts {known or 'no extra options'}.")
+
+
+def _check_fixed_point(lin: Linearization, res: Tensor, fixed_point_tol: float | None,
+                       strict: bool) -> Tensor | None:
+    """Report a step that is NaN/Inf at ``x*`` (returns those instances: they get NaN
+    gradients) and warn (or raise) where ``x*`` is not a fixed point (biased gradient)."""
+    finite = torch.isfinite(res)
+    excluded = None
+    if not bool(finite.all()):
+        excluded = ~finite
+        msg = (f"step(x_star) is NaN/Inf for instance(s) {instance_list(excluded)}: the step "
+               "is not defined at the solution there (e.g. log or division at 0, an "
+               "infeasible instance), so neither is the folded gradient; those instances get "
+               "NaN gradients, the others stay exact. Check those instances' forward solve "
+               "and the step's domain")
+        if strict:
+            raise FoldError(msg + ".")
+        warnings.warn(msg + ".", FoldConvergenceWarning, stacklevel=3)
+        res = torch.where(finite, res, torch.zeros_like(res))
     fp_tol = default_fixed_point_tol(lin.x_parts[0].dtype) if fixed_point_tol is None \
         else float(fixed_point_tol)
-    bad = res > fp_tol
+    bad = ~(res <= fp_tol)
     if bool(bad.any()):
         msg = (f"x_star is not a fixed point of step for instance(s) {instance_list(bad)}: "
                f"‖U(x*) − x*‖/(1+‖x*‖) up to "
@@ -260,13 +311,5 @@ def fold(step: Callable, x_star: State, *params: Any, solver: str | Callable = "
                "problem your solver solved.")
         if strict:
             raise FoldError(msg)
-        warnings.warn(msg, FoldConvergenceWarning, stacklevel=2)
-    x_values = tuple(t.detach() for t in lin.x_parts)
-    if not (torch.is_grad_enabled() and lin.requires_grad):
-        out = tuple(x.clone() for x in x_values)
-    else:
-        state = _Backward(lin, solver, tol, maxiter, strict, info, dict(solver_options or {}))
-        out_parts = tuple(lin.out_parts[i] for i in range(len(lin.out_parts)))
-        out = _FoldFunction.apply(state, x_values, *out_parts)
-    result = tuple(out) if lin.tuple_state else out[0]
-    return (result, info) if return_info else result
+        warnings.warn(msg, FoldConvergenceWarning, stacklevel=3)
+    return excluded

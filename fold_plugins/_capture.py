@@ -1,0 +1,138 @@
+"""What a step reads: the tensors it captures, checked while :func:`fold` takes its one step.
+
+``fold(step, x_star, *params)`` promises gradients for every tensor the step touches, also
+those it captures (closure tensors, ``nn.Module`` parameters). First-order gradients reach them
+through the step's own graph. Double backward needs them as explicit inputs of the folded op
+(the second-order terms ``∂²⟨v, U⟩/∂x∂θ`` are taken w.r.t. them), so while the step runs once
+under :class:`StepRecorder` every tensor that an op reads, that requires grad and that was not
+made inside the step, is recorded. The same pass refuses in-place updates of the state or of a
+captured tensor (they would corrupt the graph the backward walks).
+
+:func:`reach` then walks the step's graph from its output back to those inputs to tell which of
+them the output really depends on (a tensor used only through ``.detach()`` or numpy does not)
+and whether some dependency was missed (then double backward refuses rather than lies).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from ._errors import FoldError
+
+__all__ = ["StepRecorder", "Reach", "reach", "is_functorch_tensor", "functorch_active"]
+
+_INPLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__",
+                    "__ifloordiv__", "__ipow__", "__imatmul__", "__iand__", "__ior__",
+                    "__ixor__", "__ilshift__", "__irshift__", "__imod__"}
+
+
+def _is_inplace(func: Any) -> bool:
+    name = getattr(func, "__name__", "")
+    if name in _INPLACE_DUNDERS:
+        return True
+    return name.endswith("_") and not name.endswith("__") and not name.startswith("_")
+
+
+def is_functorch_tensor(t: Any) -> bool:
+    """Whether ``t`` is wrapped by a ``torch.func`` transform (grad, jvp, vmap, …)."""
+    return isinstance(t, Tensor) and bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
+def functorch_active() -> bool:
+    """Whether the caller runs inside a ``torch.func`` transform."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
+class StepRecorder(TorchFunctionMode):
+    """Records the grad-requiring tensors a step reads that it did not make itself.
+
+    Args:
+        state: the state tensors passed to the step (never recorded; in-place use refused).
+        explicit: the explicit ``params`` (recorded like captured tensors, named apart).
+    """
+
+    def __init__(self, state: Sequence[Tensor], explicit: Sequence[Any]):
+        super().__init__()
+        self._state = {id(t) for t in state}
+        self._explicit = {id(p) for p in explicit if isinstance(p, Tensor)}
+        self._made: set[int] = set()
+        self.captured: dict[int, Tensor] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        flat, _ = tree_flatten((args, kwargs))
+        if _is_inplace(func) and flat and isinstance(flat[0], Tensor):
+            target = id(flat[0])
+            if target in self._state or target in self._explicit or (
+                    target not in self._made and flat[0].requires_grad):
+                what = "the state x" if target in self._state else "a tensor it did not create"
+                raise FoldError(
+                    f"step modifies {what} in place ({getattr(func, '__name__', func)}): the "
+                    "folded backward differentiates the step at x_star and needs its inputs "
+                    "unchanged. Write the step out of place (e.g. x.clamp(0, 1) instead of "
+                    "x.clamp_(0, 1), torch.where instead of item assignment), or clone first.")
+        for t in flat:
+            if not isinstance(t, Tensor):
+                continue
+            if is_functorch_tensor(t):  # made by a transform the step itself runs
+                continue
+            key = id(t)
+            if (t.requires_grad and key not in self._made and key not in self._state
+                    and key not in self.captured):
+                self.captured[key] = t
+        out = func(*args, **kwargs)
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, Tensor):
+                self._made.add(id(t))
+        return out
+
+
+class Reach:
+    """Which inputs the step's output depends on through its graph.
+
+    Attributes:
+        reached: ids of the recorded inputs met while walking back from the output.
+        unknown: a grad-requiring leaf was met that is neither the state nor a recorded
+            input (the recorder missed a dependency: e.g. a custom C++ op).
+    """
+
+    def __init__(self, reached: set[int], unknown: bool):
+        self.reached = reached
+        self.unknown = unknown
+
+
+def reach(outputs: Iterable[Tensor], state: Sequence[Tensor], inputs: Sequence[Tensor]) -> Reach:
+    """Walk the graph of ``outputs`` back to ``inputs`` (stopping there) and the state leaves."""
+    leaf_ids = {id(t) for t in inputs if t.grad_fn is None}
+    fn_ids: dict[int, list[int]] = {}
+    for t in inputs:
+        if t.grad_fn is not None:  # several inputs may share a node (outputs of torch.split)
+            fn_ids.setdefault(id(t.grad_fn), []).append(id(t))
+    state_ids = {id(t) for t in state}
+    reached: set[int] = set()
+    unknown = False
+    seen: set[int] = set()
+    stack = [o.grad_fn for o in outputs if o.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if id(node) in fn_ids:
+            reached.update(fn_ids[id(node)])
+            continue
+        var = getattr(node, "variable", None)
+        if var is not None:  # AccumulateGrad: a leaf that requires grad
+            if id(var) in leaf_ids:
+                reached.add(id(var))
+            elif id(var) not in state_ids:
+                unknown = True
+            continue
+        stack.extend(nf for nf, _ in node.next_functions)
+    return Reach(reached, unknown)

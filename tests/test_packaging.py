@@ -92,7 +92,6 @@ def test_wheel_core_dependencies_are_what_the_core_imports(wheel):
     core = {re.split(r"[<>=!~; \[]", ln.split(":", 1)[1].strip())[0]
             for ln in meta.splitlines() if ln.startswith("Requires-Dist:") and "extra ==" not in ln}
     assert core == _third_party_imports(wheel, "fold_plugins/", "fold_plugins/adapters/")
-    assert core == {"torch"}
     assert "License-Expression: MIT" in meta
     extras = {ln.split(":", 1)[1].strip() for ln in meta.splitlines()
               if ln.startswith("Provides-Extra:")}

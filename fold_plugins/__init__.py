@@ -4,8 +4,11 @@
     x = fp.fold(step, x_star, *params, solver="gmres", tol=1e-10)
 
 See ``fold_plugins.fold.fold`` for the op, ``fold_plugins.solvers`` for the backward solvers,
-``fold_plugins.steps`` for ready update steps, ``fold_plugins.diagnostics`` and
-``fold_plugins.verify`` for checking a setup.
+``fold_plugins.steps`` for ready update steps (which step for which problem: the README),
+``fold_plugins.projections`` for projections and proximal operators (``fold_plugins.prox``),
+``fold_plugins.diagnostics`` and ``fold_plugins.verify`` for checking a setup, and
+``fold_plugins.adapters`` for the drop-ins (``FoldedLoop``, ``FoldedTheseusLayer``). The design
+and the mathematics: ``docs/design.md`` in the repository.
 """
 
 from __future__ import annotations

@@ -114,6 +114,12 @@ class UnrollingDiagnosis:
             ``(I − Φ)ᵀ v = g`` for a random ``g`` at this module's ``tol``, per instance.
         forward_iterations, forward_converged: from the forward that found ``x*`` (if run here).
         state_size: ``n``, the state's size per instance (GMRES needs ≤ ``rank(Φ)+1 ≤ n+1``).
+        unit_eigenvalues: ``(B,)`` number of eigenvalues of ``Φ`` at 1: a gauge (the fixed
+            point is not isolated; ``dx*/dθ`` is undefined), reported as such, not as
+            "unrolling never converges".
+        rho_without_unit: ``(B,)`` largest ``|λ|`` over the other eigenvalues: the rate at
+            which unrolling converges for a loss the gauge does not move.
+        backward_not_isolated: ``(B,)`` bool, the backward solver flagged ``I − Φ`` singular.
     """
 
     spectral_radius: Tensor
@@ -128,6 +134,9 @@ class UnrollingDiagnosis:
     backward_residual: Tensor | None = None
     forward_iterations: Tensor | None = None
     forward_converged: Tensor | None = None
+    unit_eigenvalues: Tensor | None = None
+    rho_without_unit: Tensor | None = None
+    backward_not_isolated: Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __str__(self) -> str:
@@ -138,17 +147,32 @@ class UnrollingDiagnosis:
                  f"spectral radius ρ(Φ): min {float(rho.min()):.4f}, max {float(rho.max()):.4f}"]
         if self.forward_iterations is not None:
             lines.append(f"forward iterations: max {int(self.forward_iterations.max())}")
+        if self.unit_eigenvalues is not None and self.rho_without_unit is not None:
+            lines += fpd.gauge_lines(self.unit_eigenvalues, self.rho_without_unit,
+                                     tuple(self.unroll_iterations))
+        gauge = (self.unit_eigenvalues.to(rho.device) > 0 if self.unit_eigenvalues is not None
+                 else torch.zeros_like(rho, dtype=torch.bool))
         for acc, k in self.unroll_iterations.items():
             kmax = float(k.max())
+            never = ("never in the gauge direction (ρ = 1 is the gauge's eigenvalue, above)"
+                     if bool(gauge[k.cpu() == math.inf].all()) else "never (ρ ≥ 1)")
             lines.append(f"unrolled iterations for gradient error {acc:.0e}: "
-                         + ("never (ρ ≥ 1)" if math.isinf(kmax) else f"{int(kmax)}"))
+                         + (never if math.isinf(kmax) else f"{int(kmax)}"))
         if self.n_iter is not None and self.predicted_unroll_error is not None:
             lines.append(f"your {self.n_iter}-step unroll: gradient error ≈ ρ^K up to "
                          f"{float(self.predicted_unroll_error.max()):.1e}")
+            if bool(gauge.any()) and self.rho_without_unit is not None:
+                rest = float(self.rho_without_unit.cpu()[gauge].max()) ** self.n_iter
+                lines.append(f"  (instances with a gauge: ρ'^K = {rest:.1e} for a loss the "
+                             "gauge does not move; the gradient in the gauge direction is "
+                             "undefined)")
         if self.backward_iterations is not None:
             lines.append(f"folded backward ({self.backward_solver}, tol {self.backward_tol:.0e}): "
                          f"max {int(self.backward_iterations.max())} iterations, residual "
                          f"{float(self.backward_residual.max()):.1e}; memory: one step's graph")
+            if self.backward_not_isolated is not None and bool(self.backward_not_isolated.any()):
+                lines.append("  … and the solver found I − Φ singular for instance(s) "
+                             f"{instance_list(self.backward_not_isolated)} (not isolated)")
         return "\n".join(lines)
 
 
@@ -184,7 +208,9 @@ class FoldedLoop(FoldedModule):
         forward_maxiter: forward step cap.
         warm_start: start from the previous call's solution when shapes match.
         batched: dim 0 of every state tensor is the batch (default); ``False``: one problem.
-        x0: default initial state, or a callable ``x0(*params) -> state``.
+        x0: default initial state, or a callable ``x0(*params) -> state``. A tensor (or
+            tuple of tensors) is registered as a buffer — ``x0`` (``x0_0``, ``x0_1``, … for a
+            tuple) — so it follows ``.to()``/``.cuda()`` and is saved in ``state_dict()``.
         solver_options: extra keywords for the backward solver.
 
     After a call, ``last_info`` is an :class:`fp.FoldInfo` with ``forward_iterations``,
@@ -226,7 +252,20 @@ class FoldedLoop(FoldedModule):
                                    if maxiter is not None else 0)
         self.warm_start = bool(warm_start)
         self.batched = bool(batched)
-        self.x0 = x0
+        # a tensor initial state is a buffer (follows .to(), .cuda(), state_dict: key "x0";
+        # a tuple state: "x0_0", "x0_1", …); a callable stays a plain attribute
+        self._x0_parts = 0
+        if x0 is None or callable(x0):
+            self.x0 = x0
+        else:
+            x0_parts, x0_tuple = as_parts(x0, "x0")
+            if x0_tuple:
+                self.x0 = None
+                self._x0_parts = len(x0_parts)
+                for i, t in enumerate(x0_parts):
+                    self.register_buffer(f"x0_{i}", t.detach().clone())
+            else:
+                self.register_buffer("x0", x0_parts[0].detach().clone())
         self._warm: tuple[Tensor, ...] | None = None
         self._warm_tuple = False
         self._solver_takes_x0 = solver is not None and _accepts_x0(solver)
@@ -241,7 +280,9 @@ class FoldedLoop(FoldedModule):
         """``(parts, is_tuple, warm)`` of the initial state, or ``None`` when none is known."""
         if x0 is not None:
             src, name = x0, "x0 (call)"
-        elif callable(self.x0):
+        elif self._x0_parts:
+            src, name = tuple(getattr(self, f"x0_{i}") for i in range(self._x0_parts)), "x0"
+        elif callable(self.x0) and not isinstance(self.x0, Tensor):
             with torch.no_grad():
                 src = self.x0(*params)
             name = "x0(*params)"
@@ -349,8 +390,11 @@ class FoldedLoop(FoldedModule):
         res = fpd.fixed_point_residual(self.step, x_star, *params, batched=self.batched)
         its = {float(a): fpd.unroll_iterations_needed(rho, float(a)) for a in accuracies}
         lin = linearize(self.step, x_star, *params, batched=self.batched)
+        n_unit, rho_rest = fpd.unit_eigenvalues(self.step, x_star, *params, batched=self.batched,
+                                                seed=seed)
         out = UnrollingDiagnosis(spectral_radius=rho, fixed_point_residual=res,
-                                 unroll_iterations=its, state_size=lin.spec.n)
+                                 unroll_iterations=its, state_size=lin.spec.n,
+                                 unit_eigenvalues=n_unit, rho_without_unit=rho_rest)
         if n_iter is not None:
             out.n_iter = _check_n_iter(n_iter)
             out.predicted_unroll_error = fpd.predicted_unroll_error(rho, out.n_iter)
@@ -368,6 +412,8 @@ class FoldedLoop(FoldedModule):
             out.backward_solver, out.backward_tol = name, self.tol
             out.backward_iterations = sinfo.iterations
             out.backward_residual = sinfo.residual
+            flag = getattr(sinfo, "extra", {}).get("not_isolated")
+            out.backward_not_isolated = None if flag is None else flag.to(torch.bool)
         return out
 
     def extra_repr(self) -> str:

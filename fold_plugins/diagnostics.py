@@ -21,6 +21,7 @@ __all__ = [
     "fixed_point_residual",
     "predicted_unroll_error",
     "spectral_radius",
+    "unit_eigenvalues",
     "unroll_iterations_needed",
     "unrolling_report",
 ]
@@ -54,27 +55,7 @@ def spectral_radius(step: Callable, x_star: State, *params: Any, batched: bool =
     tiny = torch.finfo(ref.dtype).tiny
     if method == "arnoldi":
         k = max(1, min(n, maxiter if maxiter is not None else 80))
-        V = [v]
-        H = torch.zeros(B, k + 1, k, dtype=ref.dtype, device=ref.device)
-        # breakdown: an invariant Krylov subspace was found (e.g. Φ of low rank). Normalising
-        # the round-off left after orthogonalisation would give a non-orthogonal basis and
-        # wrong Ritz values, so the instance stops there (its H block is then exact).
-        brk = max(1e-10, 1e3 * torch.finfo(ref.dtype).eps)
-        for j in range(k):
-            w = lin.vjp(V[j])
-            w0 = w.norm(dim=1)
-            for _ in range(2):  # re-orthogonalise: Ritz values need an orthonormal basis
-                Vs = torch.stack(V)
-                h = torch.einsum("kbn,bn->bk", Vs, w)
-                w = w - torch.einsum("bk,kbn->bn", h, Vs)
-                H[:, : j + 1, j] += h
-            hn = w.norm(dim=1)
-            ok = (hn > brk * w0) & (hn > 1e3 * tiny)
-            H[:, j + 1, j] = torch.where(ok, hn, torch.zeros_like(hn))
-            V.append(torch.where(ok[:, None], w / torch.where(ok, hn, torch.ones_like(hn))[:, None],
-                                 torch.zeros_like(w)))
-        eig = torch.linalg.eigvals(H[:, :k, :k])
-        return eig.abs().max(dim=1).values.to(ref.dtype).detach()
+        return _ritz_values(lin, v, k).abs().max(dim=1).values.to(ref.dtype).detach()
     maxiter = 500 if maxiter is None else int(maxiter)
     if maxiter < 2 or window < 1:
         raise FoldError(f"spectral_radius: need maxiter ≥ 2 and window ≥ 1, got maxiter="
@@ -120,6 +101,67 @@ def spectral_radius(step: Callable, x_star: State, *params: Any, batched: bool =
     return est.detach()
 
 
+def _ritz_values(lin: Any, v: Tensor, k: int) -> Tensor:
+    """``(B, k)`` complex Ritz values of ``Φᵀ`` from ``k`` Arnoldi steps started at ``v``."""
+    B = v.shape[0]
+    ref = lin.x_parts[0]
+    tiny = torch.finfo(ref.dtype).tiny
+    V = [v]
+    H = torch.zeros(B, k + 1, k, dtype=ref.dtype, device=ref.device)
+    # breakdown: an invariant Krylov subspace was found (e.g. Φ of low rank). Normalising
+    # the round-off left after orthogonalisation would give a non-orthogonal basis and
+    # wrong Ritz values, so the instance stops there (its H block is then exact).
+    brk = max(1e-10, 1e3 * torch.finfo(ref.dtype).eps)
+    for j in range(k):
+        w = lin.vjp(V[j])
+        w0 = w.norm(dim=1)
+        for _ in range(2):  # re-orthogonalise: Ritz values need an orthonormal basis
+            Vs = torch.stack(V)
+            h = torch.einsum("kbn,bn->bk", Vs, w)
+            w = w - torch.einsum("bk,kbn->bn", h, Vs)
+            H[:, : j + 1, j] += h
+        hn = w.norm(dim=1)
+        ok = (hn > brk * w0) & (hn > 1e3 * tiny)
+        H[:, j + 1, j] = torch.where(ok, hn, torch.zeros_like(hn))
+        V.append(torch.where(ok[:, None], w / torch.where(ok, hn, torch.ones_like(hn))[:, None],
+                             torch.zeros_like(w)))
+    return torch.linalg.eigvals(H[:, :k, :k])
+
+
+def unit_eigenvalues(step: Callable, x_star: State, *params: Any, batched: bool = True,
+                     maxiter: int | None = None, tol: float | None = None, seed: int = 0
+                     ) -> tuple[Tensor, Tensor]:
+    """Eigenvalues of ``Φ`` equal to 1 (a gauge), and the spectral radius without them.
+
+    An eigenvalue 1 of ``Φ = ∂U/∂x (x*)`` means ``I − Φ`` is singular: the fixed point is not
+    isolated (a gauge or a symmetry: e.g. Sinkhorn potentials shifted by ``(+c, −c)``), and
+    ``dx*/dθ`` is not defined. Unrolling then still converges — at the rate ``ρ'`` of the
+    *other* eigenvalues — for a loss the gauge does not move, which is why a long unroll can
+    look converged while ``ρ(Φ) = 1``.
+
+    Args:
+        maxiter: Arnoldi steps (default ``min(n, 80)``).
+        tol: a Ritz value within ``tol`` of 1 counts (default ``eps^(2/3)``: 1.1e-10 in
+            float64, far from the ``1e-7`` gap of a slow but isolated ``ρ = 1 − 1e-7``).
+
+    Returns:
+        ``(count, rho_rest)``: ``(B,)`` int64 number of eigenvalues at 1 and ``(B,)`` largest
+        ``|λ|`` over the other eigenvalues.
+    """
+    lin = linearize(step, x_star, *params, batched=batched)
+    ref = lin.x_parts[0]
+    B, n = lin.spec.B, lin.spec.n
+    gen = torch.Generator(device=ref.device).manual_seed(seed)
+    v = torch.randn(B, n, generator=gen, dtype=ref.dtype, device=ref.device)
+    v = v / v.norm(dim=1, keepdim=True)
+    k = max(1, min(n, maxiter if maxiter is not None else 80))
+    eig = _ritz_values(lin, v, k)
+    tol = torch.finfo(ref.dtype).eps ** (2 / 3) if tol is None else float(tol)
+    unit = (eig - 1).abs() <= tol
+    rest = torch.where(unit, torch.zeros_like(eig.real), eig.abs())
+    return unit.sum(dim=1), rest.max(dim=1).values.to(ref.dtype).detach()
+
+
 def fixed_point_residual(step: Callable, x_star: State, *params: Any, batched: bool = True,
                          relative: bool = True) -> Tensor:
     """``(B,)`` residual ``‖U(x*) − x*‖`` per instance, over ``1 + ‖x*‖`` when ``relative``."""
@@ -159,6 +201,8 @@ def unrolling_report(step: Callable, x_star: State, *params: Any, batched: bool 
     lines = [f"instances: {rho.numel()}",
              f"fixed-point residual ‖U(x*)−x*‖/(1+‖x*‖): max {float(res.max()):.2e}",
              f"spectral radius ρ(Φ): min {float(rho.min()):.4f}, max {float(rho.max()):.4f}"]
+    n_unit, rho_rest = unit_eigenvalues(step, x_star, *params, batched=batched)
+    lines += gauge_lines(n_unit, rho_rest, accuracies)
     for acc in accuracies:
         k = unroll_iterations_needed(rho.max(), acc)
         k = float(k)
@@ -166,3 +210,23 @@ def unrolling_report(step: Callable, x_star: State, *params: Any, batched: bool 
                      + ("never (ρ ≥ 1)" if math.isinf(k) else f"{int(k)}"))
     lines.append("folded backward (GMRES) needs at most rank(Φ)+1 VJPs, independent of ρ.")
     return "\n".join(lines)
+
+
+def gauge_lines(n_unit: Tensor, rho_rest: Tensor, accuracies: tuple[float, ...]) -> list[str]:
+    """Report lines for instances with an eigenvalue 1 of Φ (empty when there is none)."""
+    has = n_unit > 0
+    if not bool(has.any()):
+        return []
+    from ._errors import instance_list
+    from ._verdicts import NOT_ISOLATED
+
+    rr = float(rho_rest[has].max())
+    out = [f"eigenvalue 1 of Φ (×{int(n_unit.max())}) for instance(s) {instance_list(has)}: "
+           f"{NOT_ISOLATED}.",
+           f"  unrolling converges there only for a loss the gauge does not move, at the rate "
+           f"of the other eigenvalues ρ' = {rr:.4f}; in the gauge direction it never does:"]
+    for acc in accuracies:
+        k = float(unroll_iterations_needed(rho_rest[has].max(), acc))
+        out.append(f"  gauge-invariant loss, gradient error {acc:.0e}: "
+                   + ("never (ρ' ≥ 1)" if math.isinf(k) else f"{int(k)} unrolled iterations"))
+    return out

@@ -454,9 +454,19 @@ def qp(P: Tensor, q: Tensor, A: Tensor, l: Tensor, u: Tensor, *, backward: str =
     ``strict``: raise :class:`FoldError` when the forward (unless ``admm_options`` sets its
     own ``strict``) or the folded backward does not converge, instead of warning.
 
+    ``backward_tol`` (default ``1e-12``) is the backward's relative residual; an instance
+    whose residual stops at the step's round-off floor (measured by the solver: ``eps·‖A‖‖v‖``
+    and the VJP's own rounding, which grows with the conditioning of ``P + σI + AᵀRA``; at
+    most ``√eps``) counts as converged, so a correct gradient of an ill-conditioned QP neither
+    warns nor raises under ``strict``. A weakly active row (on its bound with a zero
+    multiplier) takes the free piece's derivative and is counted in
+    ``FoldInfo.extra["weakly_active"]`` (see :mod:`fold_plugins.projections`).
+
     Returns:
-        ``x (B, n)``, or the folded state ``(x, z, y)`` with ``return_state``; with
-        ``return_info`` also ``(FoldInfo, QPInfo)``.
+        ``x (B, n)``, or the folded state ``(x, z, y)`` with ``return_state``. With
+        ``return_info``, a flat triple ``(x, FoldInfo, QPInfo)`` (``x`` being the state
+        tuple when ``return_state``); the FoldInfo's backward fields fill in when backward
+        runs.
     """
     from ..fold import FoldInfo, fold
 

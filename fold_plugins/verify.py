@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _record
+
 __all__ = ["finite_difference_vjp", "compare_gradients", "assert_gradients_close",
            "GradientReport", "InputComparison", "FINITE_DIFFERENCES", "reference_name"]
 
@@ -201,12 +203,16 @@ class GradientReport:
         n_directions: number of random cotangents.
         value_error: relative difference ``‖fn(θ) − ref(θ)‖ / max(‖ref(θ)‖, tiny)`` of the
             outputs themselves (``None`` for finite differences, where they are the same).
+        weakly_active: weakly active constraints the projections inside ``fn`` reported
+            (summed over instances; see :mod:`fold_plugins.projections`): there the
+            derivative is one-sided by convention and finite differences may disagree.
     """
 
     inputs: list[InputComparison]
     reference: str
     n_directions: int
     value_error: float | None = None
+    weakly_active: int = 0
 
     @property
     def worst(self) -> float:
@@ -227,6 +233,11 @@ class GradientReport:
                 f"worst relative error {self.worst:.3e}")
         if self.value_error is not None:
             head += f"; outputs differ by {self.value_error:.3e} (relative)"
+        if self.weakly_active:
+            head += (f"\nnote: {self.weakly_active} weakly active constraint(s) at the solution "
+                     "(on a bound with a zero multiplier): the derivative is not unique there; "
+                     "fn uses the free piece's (fold_plugins.projections), and finite "
+                     "differences straddle the kink, so a mismatch there is expected")
         cols = ("input", "shape", "rel. error", "cosine", "max |a-b|", "‖ref‖")
         rows = [(c.name, "x".join(map(str, c.shape)) or "scalar", f"{c.rel_error:.3e}",
                  f"{c.cosine:.12f}", f"{c.max_abs_error:.3e}", f"{c.ref_norm:.3e}")
@@ -337,7 +348,9 @@ def compare_gradients(fn: Callable[..., Any], reference: Callable[..., Any] | st
                           else torch.float64) for o in outs)
                 for _ in range(n_directions)]
 
-    outs_a, vjps_a, cotangents = _autograd_vjps(fn, args, idx, draw, "fn")
+    with _record.collect() as notes:  # projections report weakly active constraints here
+        outs_a, vjps_a, cotangents = _autograd_vjps(fn, args, idx, draw, "fn")
+    weak = sum(int(t.sum()) for t in notes.get("weakly_active", []) if isinstance(t, Tensor))
 
     value_error = None
     if is_fd:
@@ -379,7 +392,7 @@ def compare_gradients(fn: Callable[..., Any], reference: Callable[..., Any] | st
                                     ref_norm=max(refn), abs_error=max(absn), rel_errors=rels,
                                     abs_errors=absn, ref_norms=refn))
     return GradientReport(inputs=rows, reference=ref_name, n_directions=n_directions,
-                          value_error=value_error)
+                          value_error=value_error, weakly_active=weak)
 
 
 def assert_gradients_close(fn: Callable[..., Any], reference: Callable[..., Any] | str,

@@ -65,10 +65,19 @@ import torch
 from torch import Tensor
 
 import fold_plugins as fp
-from fold_plugins._errors import instance_list, report_unconverged
 from fold_plugins.fold import default_fixed_point_tol
 
-from ._theseus_policy import Notes, check_policy, splice, status_mask
+from ._theseus_policy import (
+    Notes,
+    apply_policy,
+    check_policy,
+    inference,
+    note_backward_mode,
+    note_solve_floor,
+    report_excluded,
+    status_mask,
+    theseus_backward,
+)
 from ._theseus_step import FlooredSolver, TangentGeometry, TangentStep, import_theseus
 from .base import FoldedModule
 
@@ -245,9 +254,9 @@ class FoldedTheseusLayer(FoldedModule):
         if mode == th.BackwardMode.DLM and not isinstance(eps_dlm, float):
             raise ValueError(f"dlm_epsilon must be a float but {type(eps_dlm)} was given.")
         if self._geo is None:
-            return self._theseus_backward(input_tensors, kwargs, mode)
+            return theseus_backward(self, input_tensors, kwargs, mode)
         theseus_bwd = {k: kwargs.pop(k) for k in _THESEUS_BACKWARD_KWARGS if k in kwargs}
-        self._note_backward_mode(mode, "backward_mode" in theseus_bwd)
+        note_backward_mode(self, mode, "backward_mode" in theseus_bwd)
         step_name = _resolve_step_name(overrides.get("fold_step", self.step))
         solver = overrides.get("fold_backward", self.backward)
         tol = float(overrides.get("fold_tol", self.tol))
@@ -276,7 +285,7 @@ class FoldedTheseusLayer(FoldedModule):
         finite_x = finite_x.all(dim=0)
 
         if not self._needs_graph(input_tensors, init):
-            return self._inference(x_star, th_info, info, th_conv & finite_x & ~failed,
+            return inference(self, x_star, th_info, info, th_conv & finite_x & ~failed,
                                    failed | ~finite_x, name)
 
         solve_kwargs = self._solve_kwargs(kind, kwargs)
@@ -312,7 +321,7 @@ class FoldedTheseusLayer(FoldedModule):
             info.extra["rcond"] = step_fn.rcond
         if step_fn.solve_residual is not None:
             info.extra["linear_solve_residual"] = step_fn.solve_residual
-            self._note_solve_floor(name, step_fn, dt)
+            note_solve_floor(self, name, step_fn, dt)
 
         # convergence as Theseus judges it, or a fixed point to working precision
         xnorm = torch.cat([x.reshape(B, -1) for x in step_fn.x_used], dim=1).norm(dim=1)
@@ -322,14 +331,14 @@ class FoldedTheseusLayer(FoldedModule):
         unconverged = ~converged & ~excluded
         info.forward_residual = rel
         info.forward_converged = converged
-        self._report_excluded(name, nonfinite, step_fn)
+        report_excluded(self, name, nonfinite, step_fn)
 
         values = self._outputs(step_fn.x_used, x_star, xi, input_tensors, excluded)
         unrolled = torch.zeros_like(unconverged)
         if bool(unconverged.any()):
-            values, unrolled = self._unconverged(
-                policy, unconverged, failed, rel, values, init, input_tensors, kwargs, mode,
-                theseus_bwd, name, max_it)
+            values, unrolled = apply_policy(
+                self, policy, unconverged, failed, rel, values, init, input_tensors, kwargs,
+                mode, theseus_bwd, name, max_it)
         notes = self._notes
         for kind_name, mask in (("converged", converged), ("unconverged", unconverged),
                                 ("unrolled", unrolled), ("excluded", excluded)):
@@ -345,181 +354,6 @@ class FoldedTheseusLayer(FoldedModule):
         geo.set_vars([values[v.name] for v in geo.ordering])  # as th.TheseusLayer leaves them
         th_info.fold_info = info
         return values, th_info
-
-    # ------------------------------------------------------------------ per-instance policy
-    def _unconverged(self, policy: str, unconverged: Tensor, failed: Tensor, rel: Tensor,
-                     values: dict[str, Tensor], init: dict[str, Tensor],
-                     input_tensors: dict[str, Tensor], kwargs: dict[str, Any], mode: Any,
-                     theseus_bwd: dict[str, Any], name: str,
-                     max_it: int) -> tuple[dict[str, Tensor], Tensor]:
-        """Apply the ``unconverged`` policy (module docstring); return the values and the
-        ``(B,)`` mask of instances that got Theseus's unrolled backward."""
-        which = (f"instance(s) {instance_list(unconverged)} (step length ‖M⁻¹g‖/(1+‖x*‖) up "
-                 f"to {float(rel[unconverged].max()):.1e}, Theseus status not CONVERGED)")
-        if bool((failed & unconverged).any()):
-            remedy = ("Theseus's linear solve failed (status FAIL) for "
-                      f"{instance_list(failed & unconverged)}: with a Cholesky solver one "
-                      "instance with NaN/Inf data fails the whole batch and leaves the others "
-                      "where the failure happened; fix or drop that instance, or use "
-                      "LUDenseSolver, which keeps the NaN in its own instance")
-        else:
-            remedy = (f"raise max_iterations (now {max_it}) or loosen the optimizer's "
-                      "abs_err_tolerance/rel_err_tolerance if the minimiser is what you want "
-                      "to differentiate")
-        if policy == "raise":
-            raise fp.FoldError(f"{name}: the forward did not converge for {which} and "
-                               f"unconverged='raise'. Remedy: {remedy}; or pass "
-                               "unconverged='unroll' to differentiate the truncated forward.")
-        reason = ""
-        if policy == "unroll":
-            unrolled, reason = self._unroll(init, input_tensors, kwargs, mode, theseus_bwd)
-            if unrolled is not None:
-                self._notes.once("unrolled", (
-                    f"{name}: the forward did not converge for {which}; as with "
-                    "th.TheseusLayer, their gradient is Theseus's unrolled backward through "
-                    "the iterations that ran (exact for what was computed), the converged "
-                    "instances are folded. unconverged='fold' or 'raise' change this"))
-                values = {k: splice(unconverged, unrolled[k], v) for k, v in values.items()}
-                return values, unconverged
-        msg = (f"{name}: the forward did not converge for {which}; their gradients are folded "
-               f"at the point where the forward stopped and are biased{reason}. Remedy: "
-               f"{remedy}.")
-        if self.strict:
-            raise fp.FoldError(msg)
-        self._notes.once("biased", msg, fp.FoldConvergenceWarning)
-        return values, torch.zeros_like(unconverged)
-
-    def _unroll(self, init: dict[str, Tensor], input_tensors: dict[str, Tensor],
-                kwargs: dict[str, Any], mode: Any,
-                theseus_bwd: dict[str, Any]) -> tuple[dict[str, Tensor] | None, str]:
-        """Re-run Theseus's forward from the same start with autograd (its ``unroll``, or
-        ``truncated`` when asked for): the variables' tensors, or ``None`` and why not."""
-        th = import_theseus()
-        # the first run's info is the one returned; Theseus cannot track history under grad
-        run_kwargs = {k: v for k, v in kwargs.items()
-                      if k not in ("track_err_history", "track_state_history")}
-        if mode == th.BackwardMode.TRUNCATED:
-            run_kwargs.update(theseus_bwd)
-        else:
-            run_kwargs["backward_mode"] = th.BackwardMode.UNROLL
-        self.objective.update({k: t for k, t in init.items() if k not in input_tensors})
-        B = self.objective.batch_size
-        try:
-            with torch.enable_grad():
-                self.layer(input_tensors, optimizer_kwargs=run_kwargs)
-        except RuntimeError as exc:
-            first = str(exc).split(". ")[0]
-            return None, f" (Theseus's unrolled re-run failed: {first})"
-        out = {}
-        for var in self._geo.ordering:
-            t = var.tensor
-            out[var.name] = t if t.shape[0] == B else t.expand(B, *t.shape[1:])
-        return out, ""
-
-    def _theseus_backward(self, input_tensors: dict[str, Tensor], kwargs: dict[str, Any],
-                          mode: Any) -> tuple[dict[str, Tensor], Any]:
-        """Optimizers without a least-squares step (DCEM): ``th.TheseusLayer`` as it is."""
-        th = import_theseus()
-        self._notes.once("theseus_backward", (
-            f"FoldedTheseusLayer: {type(self.optimizer).__name__} has no least-squares step to "
-            f"fold, so it runs with Theseus's own backward (backward_mode="
-            f"{mode.name.lower()}), exactly as th.TheseusLayer"))
-        values, th_info = self.layer(input_tensors, optimizer_kwargs=kwargs)
-        B = self.objective.batch_size
-        info = fp.FoldInfo(batch_size=B)
-        info.forward_converged = status_mask(th_info, B, self.device,
-                                             th.NonlinearOptimizerStatus.CONVERGED)
-        info.extra.update(backward=f"theseus {mode.name.lower()}", theseus_status=th_info.status,
-                          counts=dict(self._notes.counts))
-        self.last_info = info
-        th_info.fold_info = info
-        return values, th_info
-
-    def _inference(self, x_star: list[Tensor], th_info: Any, info: fp.FoldInfo,
-                   converged: Tensor, bad: Tensor, name: str) -> tuple[dict[str, Tensor], Any]:
-        """No gradient wanted: Theseus's forward only, its status as the convergence verdict;
-        only failures (FAIL, non-finite solution) are reported, not MAX_ITERATIONS, which
-        fixed-iteration models hit on purpose."""
-        B = converged.numel()
-        info.forward_residual = torch.full((B,), math.nan, dtype=x_star[0].dtype,
-                                           device=x_star[0].device)
-        info.forward_converged = converged
-        info.extra["forward_check"] = "theseus_status"
-        self._notes.count("failed", bad)
-        info.extra["counts"] = dict(self._notes.counts)
-        self.last_info = info
-        th_info.fold_info = info
-        if bool(bad.any()) and (self.strict or "failed" not in self._notes.issued):
-            last_err = th_info.last_err.detach().to(device=x_star[0].device).reshape(-1)
-            self._notes.issued.add("failed")
-            report_unconverged(
-                bad, last_err if last_err.numel() == B else last_err.expand(B),
-                f"{name} forward (no gradient requested; error = final objective value)",
-                "an instance with status FAIL hit an error in Theseus's linear solve (singular "
-                "system or NaN data): check its data (said once per layer)", self.strict,
-                stacklevel=4)
-        return self._outputs(x_star, x_star, None, {}), th_info
-
-    # ------------------------------------------------------------------ notes
-    def _note_backward_mode(self, mode: Any, explicit: bool) -> None:
-        """One note when ``backward_mode`` asks for something other than what folding does."""
-        th = import_theseus()
-        if not explicit or mode == th.BackwardMode.IMPLICIT:
-            return  # implicit is what folding replaces; the default says nothing
-        what = ("not used (DLM); instances whose forward did not converge get Theseus's "
-                "unrolled backward" if mode == th.BackwardMode.DLM else
-                "used only for the instances whose forward did not converge")
-        self._notes.once("backward_mode", (
-            f"FoldedTheseusLayer: backward_mode={mode.name.lower()!r} is {what}; converged "
-            "instances get the folded (exact implicit) gradient. Use th.TheseusLayer to run "
-            "Theseus's backward modes everywhere"))
-
-    def _note_solve_floor(self, name: str, step: TangentStep, dtype: torch.dtype) -> None:
-        """Say once when the linear solver's own precision limits the gradient's digits."""
-        if step.tol_floor > math.sqrt(torch.finfo(dtype).eps):
-            self._notes.once("linear_solver_precision", (
-                f"{name}: {type(self.optimizer.linear_solver).__name__} solves only to a "
-                f"relative residual of about {step.tol_floor / 10:.1e} (e.g. CHOLMOD rounds "
-                f"through float32), so the backward stops at {step.tol_floor:.1e} and the "
-                "gradient keeps about that many digits; a dense solver (CholeskyDenseSolver) "
-                "gives the full precision"))
-
-    def _report_excluded(self, name: str, nonfinite: Tensor, step: TangentStep) -> None:
-        """Warn once per kind (raise when ``strict``) naming excluded and ill-conditioned
-        instances."""
-        B = nonfinite.numel()
-        msgs = []
-        if bool(nonfinite.any()):
-            msgs.append(("nonfinite", (
-                f"{name}: the Theseus solution or the per-instance input data is NaN/Inf for "
-                f"instance(s) {instance_list(nonfinite)}; those instances are excluded (zero "
-                "gradient); the others are judged on their own (converged ones keep exact "
-                "gradients). Remedy: check their data and initial values")))
-        if bool(step.singular.any()):
-            rc = step.rcond[step.singular] if step.rcond is not None else None
-            worst = f"; estimated rcond₁ up to {float(rc.max()):.1e}" if rc is not None and \
-                bool(torch.isfinite(rc).all()) and float(rc.max()) > 0 else ""
-            msgs.append(("singular", (
-                f"{name}: {step.matrix_name()} at x* is singular for instance(s) "
-                f"{instance_list(step.singular)} (factorisation failed or reciprocal "
-                f"condition ≤ eps{worst}); dx*/dθ is not defined there, so those instances "
-                f"are excluded (zero gradient); the other {B - int(step.excluded.sum())} are "
-                f"unaffected. Remedy: {step.remedy()}")))
-        for kind, msg in msgs:
-            if self.strict:
-                raise fp.FoldError(msg + ".")
-            self._notes.once(kind, msg, fp.FoldConvergenceWarning, stacklevel=5)
-        if bool(step.illcond.any()):
-            eps = torch.finfo(self.dtype).eps
-            rc = float(step.rcond[step.illcond].min())
-            self._notes.once("ill_conditioned", (
-                f"{name}: {step.matrix_name()} at x* is ill-conditioned for instance(s) "
-                f"{instance_list(step.illcond)} (estimated reciprocal condition number "
-                f"rcond₁ down to {rc:.1e} ≤ n·eps = {self._geo.n * eps:.1e}, {self.dtype}): "
-                f"the gradient of these instances keeps about "
-                f"{max(0.0, math.log10(rc / eps)):.0f} correct digits. Remedy: use float64, "
-                "or rescale the problem (cost weights, units)"), fp.FoldConvergenceWarning,
-                stacklevel=5)
 
     # ------------------------------------------------------------------ helpers
     def _solution(self) -> list[Tensor]:

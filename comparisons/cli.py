@@ -1,7 +1,7 @@
 """``python -m comparisons``: run the suites, write ``<out>/report.md`` (+ PNGs, results.json).
 
     python -m comparisons                 # --quick (default): < 10 min on 2 cores
-    python -m comparisons --full          # the sizes of the issue (quiet machine)
+    python -m comparisons --full          # the full sizes (a quiet machine)
     python -m comparisons --suite scaling --suite theseus --out /tmp/rep
 
 A suite that fails (missing dependency, exception) records its error in its section; the
@@ -26,7 +26,7 @@ import torch
 
 from .config import Config
 from .measure import environment
-from .report import SuiteResult, write_report
+from .report import SuiteResult, intro_for, write_report
 from .suites import SUITES
 
 __all__ = ["main", "run_suite", "parse_args"]
@@ -81,7 +81,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def run_suite(name: str, cfg: Config) -> SuiteResult:
     """Import and run one suite; any exception becomes the result's error (never raised)."""
     t0 = time.perf_counter()
-    title = name
+    title, mod = name, None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         # numpy-2 notice from cvxpylayers' diffcp glue; says nothing about the measurements
@@ -101,6 +101,7 @@ def run_suite(name: str, cfg: Config) -> SuiteResult:
         seen.setdefault(msg, None)
     result.warnings = list(seen) + [w for w in result.warnings if w not in seen]
     result.seconds = time.perf_counter() - t0
+    result.intro = result.intro or intro_for(name, mod)
     return result
 
 

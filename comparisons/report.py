@@ -18,7 +18,58 @@ from .config import Config  # noqa: E402
 from .measure import MEMORY_METHOD, TIMING_METHOD  # noqa: E402
 
 __all__ = ["Figure", "SuiteResult", "table", "fmt_ms", "fmt_bytes", "fmt_ratio", "fmt_err",
-           "save_figure", "write_report"]
+           "save_figure", "write_report", "GLOSSARY", "INTROS", "intro_for"]
+
+#: Terms the sections use, defined once at the top of the report.
+GLOSSARY: tuple[tuple[str, str], ...] = (
+    ("folded", "the library's backward: one update step evaluated at the solution, then the "
+     "linear system (I − Φ)ᵀv = g solved by a few matrix-free iterations (fp.fold)"),
+    ("unrolled K", "back-propagating through K recorded solver iterations (what a plain "
+     "PyTorch loop does); error shrinks like ρ(Φ)^K, memory grows with K"),
+    ("Φ, ρ(Φ)", "Φ = ∂U/∂x, the Jacobian of one update step U at the solution; ρ(Φ) its "
+     "spectral radius, the factor by which each iteration shrinks the error"),
+    ("VJP", "vector-Jacobian product Jᵀu: what a backward pass computes for a cotangent u"),
+    ("gradient error", "relative error ‖a − b‖/‖b‖ of a gradient (a VJP) against the stated "
+     "truth (closed form, finite differences, cvxpylayers or diffcp)"),
+    ("LFPI", "linear fixed-point iteration v ← Φᵀv + g: the folded solver 'fixed_point', and "
+     "exactly what unrolling from the solution computes"),
+    ("GMRES / dense", "the folded backward solved by restarted GMRES (one VJP per iteration) / "
+     "by forming Φ with batched VJPs and an LU factorisation"),
+    ("Theseus implicit / truncated / dlm", "Theseus's own backward modes: implicit "
+     "differentiation with the Gauss-Newton Hessian JᵀJ / unrolling only the last iterations / "
+     "direct loss minimisation (a perturbation-based approximation)"),
+    ("cvxpylayers, diffcp, SCS, Clarabel", "differentiable convex-optimisation layers; the "
+     "cone-program derivative they use; two cone solvers"),
+    ("DC3", "the nonconvex constrained test problems of Donti, Rolnick & Kolter (2021)"),
+    ("× (ratio)", "time of a method divided by the named baseline's time, measured in the same "
+     "run; > 1 means slower than the baseline"),
+)
+
+#: One plain-language sentence opening each suite's section, for suites whose module does not
+#: define ``INTRO`` itself.
+INTROS: dict[str, str] = {
+    "learning": "Trains a model end to end through an optimisation layer and shows that the "
+                "folded layer learns as well as cvxpylayers in less time per epoch.",
+    "portfolio": "Trains a return predictor through a risk-constrained portfolio problem and "
+                 "compares the decisions it learns (test regret) and the training time of "
+                 "folding, cvxpylayers, unrolling and two baselines.",
+    "tv_denoising": "Learns the difference operator of a total-variation denoiser and compares "
+                    "the denoising error and training time of folding, unrolling and "
+                    "cvxpylayers.",
+    "nonconvex": "Learns through a nonconvex constrained problem that convex layers cannot "
+                 "express, and compares the decisions of two folded layers with a two-stage "
+                 "baseline.",
+    "acopf": "Learns generator costs through an AC optimal power flow problem solved by Ipopt "
+             "and compares the folded backward with a one-iteration truncation and a two-stage "
+             "baseline.",
+}
+
+
+def intro_for(name: str, module: Any = None) -> str:
+    """The plain-language sentence that opens suite ``name``'s section: its module's ``INTRO``,
+    else :data:`INTROS`, else ``""``."""
+    own = getattr(module, "INTRO", "") if module is not None else ""
+    return own or INTROS.get(name, "")
 
 
 @dataclass
@@ -43,6 +94,8 @@ class SuiteResult:
             exit non-zero after the report is written.
         headline: optional rows for the report's summary table.
         seconds: wall time the suite took (filled by the runner).
+        intro: one plain-language sentence opening the section (filled by the runner from the
+            suite module's ``INTRO`` when empty).
     """
 
     name: str
@@ -54,6 +107,7 @@ class SuiteResult:
     headline: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    intro: str = ""
 
     @property
     def ok(self) -> bool:
@@ -157,6 +211,14 @@ def write_report(cfg: Config, env: dict[str, str], results: Sequence[SuiteResult
     lines.append(f"Generated {started.strftime('%Y-%m-%d %H:%M:%S %Z').strip()} by "
                  f"`python -m comparisons {' '.join(argv)}` in {seconds:.0f} s.")
     lines.append("")
+    lines.append("Each section below compares the library's *folded* backward pass with the "
+                 "alternatives a user has (unrolling the solver, Theseus's backward modes, "
+                 "cvxpylayers, diffcp) on the same problems in the same run: first how exact "
+                 "the gradients are, then how long they take and how much memory they use.")
+    lines.append("")
+    lines.append("**Terms used below.**")
+    lines.append("")
+    lines.append(table(["term", "meaning"], GLOSSARY))
     lines.append("## Machine, versions, settings")
     lines.append("")
     rows = [(k, v) for k, v in env.items()]
@@ -189,6 +251,10 @@ def write_report(cfg: Config, env: dict[str, str], results: Sequence[SuiteResult
     for r in results:
         lines.append(f"## {r.title}")
         lines.append("")
+        intro = r.intro or intro_for(r.name)
+        if intro:
+            lines.append(f"*{intro}*")
+            lines.append("")
         if r.errors:
             lines.append("> **This suite did not complete.** Errors:")
             lines.append(">")

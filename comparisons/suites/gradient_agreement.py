@@ -25,6 +25,9 @@ from ..progress import bar
 from ..report import SuiteResult, fmt_err, table
 
 TITLE = "1. Gradient agreement: folded vs cvxpylayers vs diffcp vs finite differences"
+INTRO = ("Checks that the folded gradients are correct: on every test problem (QPs, "
+         "projections, a portfolio, TV denoising, a nonconvex problem) they are compared with "
+         "the gradients of cvxpylayers, diffcp and finite differences.")
 REFERENCES = ("cvxpylayers (SCS)", "cvxpylayers (Clarabel)", "diffcp", "finite differences")
 
 
@@ -74,13 +77,14 @@ def _note_convergence(entry: dict, case) -> None:
         entry["backward_converged"] = entry.get("backward_converged", True) and conv
 
 
-#: references less accurate than the folded gradient itself are judged at the issue's bound
+#: references less accurate than the folded gradient itself are judged at the general
+#: cross-check bound
 LOOSE_TOL = 1e-5
 _LOOSE = ("cvxpylayers (Clarabel)", "finite differences")
 
 
 def _judge_tol(case, ref_name: str) -> float:
-    """Tolerance for the ✗ mark: the case's own for SCS/diffcp, the issue's bound otherwise."""
+    """Tolerance for the ✗ mark: the case's own for SCS/diffcp, the general bound otherwise."""
     return max(case.rtol, LOOSE_TOL) if ref_name in _LOOSE else case.rtol
 
 
@@ -174,7 +178,7 @@ def run(cfg: Config, cases: list[str] | None = None) -> SuiteResult:
           f"{n_dir} random cotangent(s) per cvx reference, {n_dir_fd} for finite differences; "
           "✗ in a reference column marks an error above the tolerance the test suite holds "
           "that reference to: the case's own cross-check tolerance (column *tol*) for "
-          f"cvxpylayers (SCS) and diffcp, and max(tol, {LOOSE_TOL:.0e}) — the issue's "
+          f"cvxpylayers (SCS) and diffcp, and max(tol, {LOOSE_TOL:.0e}) — the general "
           f"cross-check bound — for Clarabel ({clarabel_note}) and for finite differences "
           "(truncation and round-off). Compare the columns to see which side is off. ✗ after "
           "the backward marks a folded backward solve that did not reach its tolerance on "

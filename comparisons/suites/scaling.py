@@ -39,6 +39,9 @@ from ..progress import bar
 from ..report import SuiteResult, fmt_bytes, fmt_err, fmt_ms, fmt_ratio, save_figure, table
 
 TITLE = "3. Scaling: backward time and peak memory vs size and batch"
+INTRO = ("Measures what the gradients cost: time and memory of the folded backward against "
+         "unrolling and cvxpylayers as the problem and the batch grow, each time quoted with "
+         "that method's gradient error.")
 BASELINE = "folded gmres"
 FORWARD_TOL = 1e-10
 

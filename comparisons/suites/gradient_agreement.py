@@ -135,7 +135,7 @@ def run(cfg: Config, cases: list[str] | None = None) -> SuiteResult:
             else:
                 rep = compare_gradients(case.folded, _reference(ref_name, case), case.params,
                                         n_directions=n_dir, names=case.param_names,
-                                        seed=cfg.seed)
+                                        seed=cfg.seed, name=ref_name)
             _note_convergence(entry, case)
             wi = rep.worst_input
             entry[ref_name] = {"worst": rep.worst, "worst_input": wi.name if wi else None,

@@ -16,12 +16,14 @@ $(STAMP): pyproject.toml Makefile
 	# 1. torch first: this pin takes the CPU build on disk (a bare `torch` pulls CUDA).
 	$(PIP) install $(Q) torch==2.13.0
 	# 2. the project, editable, with every extra (the theseus extra is theseus-ai's runtime deps).
-	$(PIP) install $(Q) -e '.[theseus,cvx,report,test]'
+	#    On a re-run theseus-ai is already here, and pip would report its deliberately missing
+	#    scikit-sparse as a dependency conflict (see the README): that expected report is off.
+	$(PIP) install $(Q) --no-warn-conflicts -e '.[theseus,cvx,report,test]'
 	# 3. theseus-ai 0.2.3 last: an sdist whose setup.py imports torch (no build isolation), and
-	#    --no-deps because it requires scikit-sparse, which needs SuiteSparse's C headers. Done
-	#    last, no later pip run re-checks it, so pip prints no dependency "ERROR" for it.
+	#    --no-deps because it requires scikit-sparse, which needs SuiteSparse's C headers.
 	$(PIP) install $(Q) --no-deps --no-build-isolation theseus-ai==0.2.3
-	@echo "venv ready. scikit-sparse is intentionally not installed (only Theseus's CholmodSparseSolver needs it; tests that need it skip)."
+	@echo "venv ready (scikit-sparse is not installed on purpose: only Theseus's" \
+	      "CholmodSparseSolver needs it, and the tests that use it skip)."
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

@@ -244,65 +244,87 @@ class FoldVJP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *w: Tensor):
-        recorded = torch.is_grad_enabled()
-        with torch.no_grad():
-            out = FoldVJP._second_order(ctx, w)
-        if not recorded:
-            return out
-        # create_graph=True again: exact values, but a third derivative raises when taken
-        anchors = [t for t in ctx.saved_tensors if t.requires_grad]
-        slots = [i for i, t in enumerate(out) if isinstance(t, Tensor)]
-        guarded = _ThirdOrderGuard.apply(len(slots), *[out[i] for i in slots], *anchors)
-        out = list(out)
-        for i, t in zip(slots, guarded):
-            out[i] = t
-        return tuple(out)
-
-    @staticmethod
-    def _second_order(ctx, w: Sequence[Tensor | None]) -> tuple[Any, ...]:
-        """Eq. (3): ``(None, None, ḡ parts, x̄ parts, θ̄ per input)``."""
         adj: Adjoint = ctx.adj
-        lin = adj.lin
-        n_x, v = ctx.n_x, ctx.v
+        n_x, n_in = ctx.n_x, len(adj.lin.inputs)
         if all(wi is None for wi in w):
-            return (None, None, *([None] * (2 * n_x + len(lin.inputs))))
-        with torch.enable_grad():
-            # a = Ψ w by the double-VJP identity a = ∂/∂y ⟨Ψᵀy, w⟩
-            y = torch.zeros_like(v).requires_grad_(True)
-            jt = lin.input_vjp(y, create_graph=True)
-            s = _flat_dot(jt, w)
-            a = torch.zeros_like(v) if s is None or not s.requires_grad else \
-                torch.autograd.grad(s, y, allow_unused=True)[0]
-            a = torch.zeros_like(v) if a is None else a.detach()
-        u = adj.solve_tangent(a)
-        with torch.enable_grad():
-            wrt = list(lin.x_parts) + list(lin.inputs)
-            outs = [lin.out_parts[i] for i in lin._diff]
-            cot = lin.spec.unflatten(v)
-            first = torch.autograd.grad(outs, wrt, [cot[i] for i in lin._diff],
-                                        create_graph=True, retain_graph=True, allow_unused=True)
-            u_parts = lin.spec.unflatten(u)
-            s2 = _flat_dot(first, list(u_parts) + list(w))
-            if s2 is None or not s2.requires_grad:
-                second = [None] * len(wrt)
-            else:
-                second = torch.autograd.grad(s2, wrt, retain_graph=True, allow_unused=True)
-        hx = second[:len(lin.x_parts)]
-        hp = second[len(lin.x_parts):]
-        return (None, None, *u_parts, *hx, *hp)
+            return (None, None, *([None] * (2 * n_x + n_in)))
+        w = tuple(torch.zeros_like(p) if wi is None else wi for wi, p in zip(w, adj.lin.inputs))
+        if not torch.is_grad_enabled():
+            return (None, None, *_second_order(adj, ctx.v, w))
+        # create_graph=True again (e.g. autograd.functional.hvp): exact and differentiable in
+        # w; a third derivative (w.r.t. g, x* or θ) raises when the engine asks for it
+        anchors = [t for t in ctx.saved_tensors if t.requires_grad]
+        out = _SecondOrder.apply(adj, ctx.v, n_x, len(w), *w, *anchors)
+        return (None, None, *out)
 
 
-class _ThirdOrderGuard(torch.autograd.Function):
-    """Identity on the second-order results; differentiating them again raises."""
+def _hvp(lin: Linearization, v: Tensor, dx: Sequence[Tensor], dp: Sequence[Tensor]
+         ) -> list[Tensor]:
+    """``∂/∂(x, θ) ⟨∂_(x,θ)⟨v, U⟩, (dx, dp)⟩``: the Hessian of ``⟨v, U⟩`` at ``(x*, θ)`` applied
+    to ``(dx, dp)``; returns the ``x`` parts then one tensor per input (zeros where unused)."""
+    wrt = list(lin.x_parts) + list(lin.inputs)
+    with torch.enable_grad():
+        outs = [lin.out_parts[i] for i in lin._diff]
+        cot = lin.spec.unflatten(v)
+        first = torch.autograd.grad(outs, wrt, [cot[i] for i in lin._diff],
+                                    create_graph=True, retain_graph=True, allow_unused=True)
+        s = _flat_dot(first, list(dx) + list(dp))
+        if s is None or not s.requires_grad:
+            second = [None] * len(wrt)
+        else:
+            second = torch.autograd.grad(s, wrt, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(t) if h is None else h.detach() for h, t in zip(second, wrt)]
+
+
+def _psi(lin: Linearization, w: Sequence[Tensor], like: Tensor) -> Tensor:
+    """``Ψ w`` as a ``(B, n)`` tensor, by the double-VJP identity ``Ψw = ∂/∂y ⟨Ψᵀy, w⟩``."""
+    with torch.enable_grad():
+        y = torch.zeros_like(like).requires_grad_(True)
+        s = _flat_dot(lin.input_vjp(y, create_graph=True), w)
+        if s is None or not s.requires_grad:
+            return torch.zeros_like(like)
+        (a,) = torch.autograd.grad(s, y, allow_unused=True)
+    return torch.zeros_like(like) if a is None else a.detach()
+
+
+def _second_order(adj: Adjoint, v: Tensor, w: Sequence[Tensor]) -> list[Tensor]:
+    """Eq. (3): ``ḡ`` parts (``u``), then ``x̄`` parts, then ``θ̄`` per input."""
+    lin = adj.lin
+    u = adj.solve_tangent(_psi(lin, w, v))
+    u_parts = lin.spec.unflatten(u)
+    return [*u_parts, *_hvp(lin, v, u_parts, w)]
+
+
+class _SecondOrder(torch.autograd.Function):
+    """Eq. (3) as a function of ``w`` (linear), for a recorded double backward.
+
+    Backward (the transpose in ``w``): with ``K = (I − Φ)⁻¹Ψ`` and ``H`` the Hessian of
+    ``⟨v, U⟩``, eq. (3) is ``w ↦ (Kw, H[Kw; w])``, so for cotangents ``(c_g, c_x, c_θ)``:
+    ``(e_x, e_θ) = H[c_x; c_θ]`` and ``w̄ = Ψᵀ(I − Φ)⁻ᵀ(c_g + e_x) + e_θ``. Derivatives w.r.t.
+    the anchors (``g``, ``x*``, ``θ``) would be third order: they raise when requested.
+    """
 
     @staticmethod
-    def forward(ctx, n: int, *tensors: Tensor):
-        ctx.n_anchor = len(tensors) - n
-        return tuple(t.clone() for t in tensors[:n])
+    def forward(ctx, adj: Adjoint, v: Tensor, n_x: int, n_w: int, *tensors: Tensor):
+        w, anchors = tensors[:n_w], tensors[n_w:]
+        ctx.adj, ctx.v, ctx.n_x, ctx.n_w = adj, v, n_x, n_w
+        ctx.anchors = [torch.autograd.graph.get_gradient_edge(t).node for t in anchors]
+        return tuple(_second_order(adj, v, w))
 
     @staticmethod
-    def backward(ctx, *grads: Tensor):
-        raise FoldError(
-            "third and higher derivatives through fp.fold are not supported (first and second "
-            "order are exact): take the second derivative without create_graph=True, or use "
-            "finite differences of it.")
+    def backward(ctx, *c: Tensor):
+        if any(torch._C._will_engine_execute_node(node) for node in ctx.anchors):
+            raise FoldError(
+                "third and higher derivatives through fp.fold are not supported (first and "
+                "second order are exact): take the second derivative without "
+                "create_graph=True, or use finite differences of it.")
+        adj: Adjoint = ctx.adj
+        lin, n_x = adj.lin, ctx.n_x
+        c = [torch.zeros_like(o) if ci is None else ci for ci, o in
+             zip(c, list(lin.x_parts) * 2 + list(lin.inputs))]
+        c_g, c_x, c_p = c[:n_x], c[n_x:2 * n_x], c[2 * n_x:]
+        e = _hvp(lin, ctx.v, c_x, c_p)
+        rhs = [cg + ex for cg, ex in zip(c_g, e[:n_x])]
+        z = adj.solve_adjoint(rhs)
+        w_bar = [a + b for a, b in zip(lin.input_vjp(z), e[n_x:])]
+        return (None, None, None, None, *w_bar, *([None] * len(ctx.anchors)))

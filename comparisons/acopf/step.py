@@ -30,7 +30,7 @@ from torch.func import hessian, jacrev, vmap
 from .network import OBJ_SCALE, Network, TorchOps
 
 __all__ = ["ACOPFFunctions", "make_step", "kkt_matrix", "kkt_map", "kkt_residual", "polish",
-           "active_set", "truncated_solver"]
+           "active_set", "identify_and_polish", "truncated_solver"]
 
 _OPS = TorchOps()
 
@@ -84,13 +84,16 @@ class ACOPFFunctions:
         return vmap(hessian(self._lag1))(*args).detach()
 
 
-def active_set(fns: ACOPFFunctions, y: np.ndarray | Tensor, lam: np.ndarray | Tensor,
-               tol: float = 1e-6) -> Tensor:
-    """``(B, p)`` bool: inequality rows with ``g ≥ −tol`` (binding at the solution)."""
+def active_set(fns: ACOPFFunctions, y: np.ndarray | Tensor,
+               lam: np.ndarray | Tensor, ratio: float = 1.0) -> Tensor:
+    """``(B, p)`` bool: inequality rows whose multiplier exceeds ``ratio`` times their slack,
+    ``λ_i > −ratio·g_i(y)`` (complementarity-based identification from an interior-point
+    solution)."""
     y = torch.as_tensor(y, dtype=torch.float64)
-    y = y if y.dim() == 2 else y.unsqueeze(0)
+    lam = torch.as_tensor(lam, dtype=torch.float64)
+    y, lam = (y, lam) if y.dim() == 2 else (y.unsqueeze(0), lam.unsqueeze(0))
     with torch.no_grad():
-        return fns.g(y) >= -tol
+        return lam > -ratio * fns.g(y)
 
 
 def kkt_matrix(fns: ACOPFFunctions, y: Tensor, lam: Tensor, nu: Tensor, c: Tensor, pd: Tensor,
@@ -213,3 +216,28 @@ def truncated_solver(k: int = 1) -> Callable[..., tuple[Tensor, object]]:
         return v, info
 
     return solve
+
+
+def identify_and_polish(fns: ACOPFFunctions, y: Tensor, lam: Tensor, nu: Tensor, c: Tensor,
+                        pd: Tensor, qd: Tensor, tol: float = 1e-11
+                        ) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, Tensor]:
+    """Active set and polished KKT point of one interior-point solution (B = 1): tries
+    ``λ > −r·g`` for ``r = 1, 1e-3, 1e3`` and keeps the first whose polished point has KKT
+    residual ≤ ``tol`` (which includes ``λ ≥ 0`` and ``g ≤ 0``): near-degenerate rows
+    (``λ`` and slack both small) are resolved by the KKT conditions themselves.
+
+    Returns:
+        ``((y, λ, ν), active, residual)``; the residual is above ``tol`` if no candidate fits.
+    """
+    best = None
+    for r in (1.0, 1e-3, 1e3):
+        A = active_set(fns, y, lam, r)
+        if best is not None and torch.equal(A, best[1]):
+            continue
+        z, res = polish(fns, y, lam, nu, c, pd, qd, A, tol=tol, maxiter=6)
+        if best is None or float(res.max()) < float(best[2].max()):
+            best = (z, A, res)
+        if float(res.max()) <= tol:
+            break
+    assert best is not None
+    return best

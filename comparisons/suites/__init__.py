@@ -7,6 +7,6 @@ its own (its section records the error) without stopping the others.
 from __future__ import annotations
 
 SUITES: tuple[str, ...] = ("gradient_agreement", "unroll_convergence", "scaling", "theseus",
-                           "learning")
+                           "learning", "acopf")
 
 __all__ = ["SUITES"]

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 from ._errors import FoldError
 
@@ -30,6 +29,19 @@ __all__ = ["StepRecorder", "Reach", "reach", "is_functorch_tensor", "functorch_a
 _INPLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__",
                     "__ifloordiv__", "__ipow__", "__imatmul__", "__iand__", "__ior__",
                     "__ixor__", "__ilshift__", "__irshift__", "__imod__"}
+
+
+def _tensors(obj: Any, out: list[Tensor]) -> list[Tensor]:
+    """The tensors in ``obj`` (nested tuples/lists/dicts), in order (a lean tree_flatten)."""
+    if isinstance(obj, Tensor):
+        out.append(obj)
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            _tensors(o, out)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            _tensors(o, out)
+    return out
 
 
 def _is_inplace(func: Any) -> bool:
@@ -66,8 +78,10 @@ class StepRecorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        flat, _ = tree_flatten((args, kwargs))
-        if _is_inplace(func) and flat and isinstance(flat[0], Tensor):
+        flat = _tensors(args, [])
+        if kwargs:
+            _tensors(kwargs, flat)
+        if flat and _is_inplace(func):
             target = id(flat[0])
             if target in self._state or target in self._explicit or (
                     target not in self._made and flat[0].requires_grad):
@@ -78,8 +92,6 @@ class StepRecorder(TorchFunctionMode):
                     "unchanged. Write the step out of place (e.g. x.clamp(0, 1) instead of "
                     "x.clamp_(0, 1), torch.where instead of item assignment), or clone first.")
         for t in flat:
-            if not isinstance(t, Tensor):
-                continue
             if is_functorch_tensor(t):  # made by a transform the step itself runs
                 continue
             key = id(t)
@@ -87,9 +99,8 @@ class StepRecorder(TorchFunctionMode):
                     and key not in self.captured):
                 self.captured[key] = t
         out = func(*args, **kwargs)
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, Tensor):
-                self._made.add(id(t))
+        for t in _tensors(out, []):
+            self._made.add(id(t))
         return out
 
 

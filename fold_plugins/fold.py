@@ -118,15 +118,13 @@ class _FoldFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(adj: Adjoint, x_values: tuple[Tensor, ...], n_out: int, *tensors: Tensor):
-        return tuple(x.clone() for x in x_values)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        adj, _, n_out = inputs[:3]
-        ctx.adj, ctx.n_out = adj, n_out
-        ctx.n_inputs = len(inputs) - 3 - n_out
-        ctx.save_for_backward(*output, *inputs[3 + n_out:])
+    def forward(ctx, adj: Adjoint, x_values: tuple[Tensor, ...], n_out: int, *tensors: Tensor):
+        # (old-style forward: setup_context costs an inspect.signature per call, and torch.func
+        # transforms are refused before this point anyway)
+        out = tuple(x.clone() for x in x_values)
+        ctx.adj, ctx.n_out, ctx.n_inputs = adj, n_out, len(tensors) - n_out
+        ctx.save_for_backward(*out, *tensors[n_out:])
+        return out
 
     @staticmethod
     def backward(ctx, *grads: Tensor):

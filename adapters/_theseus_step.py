@@ -169,6 +169,8 @@ class TangentStep:
         aux = {k: v for k, v in input_tensors.items() if k in self.objective.aux_vars}
         self.x_used = [self._fill(x) for x in x_star]
         self.aux = {k: self._fill(v) for k, v in aux.items()}
+        if self.aux:  # now, so that the step never touches the NaN rows it replaces
+            self.objective.update(self.aux, _update_vectorization=False)
 
     def _fill(self, t: Tensor) -> Tensor:
         """``t`` with the excluded rows replaced by the first good instance's row (no graph)."""

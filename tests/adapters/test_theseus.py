@@ -301,7 +301,8 @@ def test_batch_of_8_per_instance_data():
 def test_initial_value_gets_zero_gradient():
     y = exp_data(1, noise=1.0)
     init = {k: v.clone().requires_grad_(True) for k, v in exp_init(1).items()}
-    values, _ = FoldedTheseusLayer(exp_optimizer())({"y": y, **init})
+    with pytest.warns(UserWarning, match="initial values get an exact zero gradient"):
+        values, _ = FoldedTheseusLayer(exp_optimizer())({"y": y, **init})
     ga, gb = torch.autograd.grad(exp_loss(values).sum(), [init["a"], init["b"]])
     assert float(ga.abs().max()) == 0.0 and float(gb.abs().max()) == 0.0
     ref = th.TheseusLayer(exp_optimizer())

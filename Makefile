@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install $(Q) torch==2.13.0
 	# 2. the project, editable, with every extra (the theseus extra is theseus-ai's runtime deps).
 	#    On a re-run theseus-ai is already here, and pip would report its deliberately missing
-	#    scikit-sparse as a dependency conflict (see the README): that expected report is off.
-	$(PIP) install $(Q) --no-warn-conflicts -e '.[theseus,cvx,report,test]'
+	#    scikit-sparse as a dependency conflict (see the README): that expected report is off,
+	#    as is setuptools' "InformationOnly" notice about editable installs (the adapters/ ->
+	#    fold_plugins.adapters mapping needs its import-hook editable mode).
+	PYTHONWARNINGS="ignore:Editable installation" \
+	  $(PIP) install $(Q) --no-warn-conflicts -e '.[theseus,cvx,report,test]'
 	# 3. theseus-ai 0.2.3 last: an sdist whose setup.py imports torch (no build isolation), and
 	#    --no-deps because it requires scikit-sparse, which needs SuiteSparse's C headers.
 	$(PIP) install $(Q) --no-deps --no-build-isolation theseus-ai==0.2.3

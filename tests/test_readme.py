@@ -45,9 +45,15 @@ def test_readme_links_resolve_inside_the_repository():
 
 
 def _repository_text_files() -> list[pathlib.Path]:
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    paths = [ROOT / p for p in out.splitlines()]
+    """The repository's files (git's view; every non-hidden file outside a git checkout)."""
+    res = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                         cwd=ROOT, capture_output=True, text=True)
+    if res.returncode == 0:
+        paths = [ROOT / p for p in res.stdout.splitlines()]
+    else:  # an unpacked archive: skip hidden folders (.venv …) and generated output
+        paths = [p for p in ROOT.rglob("*") if not any(
+            part.startswith(".") or part in {"out", "build", "__pycache__"}
+            or part.endswith(".egg-info") for part in p.relative_to(ROOT).parts)]
     return [p for p in paths if p.is_file() and p.suffix in {".py", ".md", ".toml", ".txt", ""}]
 
 

@@ -9,9 +9,10 @@ Private to :mod:`fold_plugins.adapters.theseus`. Each instance of a batch is one
 * **unconverged** — neither: the forward stopped early (``MAX_ITERATIONS``, often on purpose,
   with a few inner iterations that learn through the initial values) or failed (``FAIL``).
   The ``unconverged`` policy decides: ``"unroll"`` (default) differentiates what the forward
-  computed — Theseus's own unrolled backward for those instances, obtained by re-running the
-  forward with autograd — ``"fold"`` folds them anyway (a biased gradient, warned once), and
-  ``"raise"`` raises :class:`fp.FoldError`;
+  computed — Theseus's own backward for those instances (its ``backward_mode``, default
+  ``unroll``), obtained by re-running the same forward with autograd — ``"fold"`` folds
+  them anyway (a biased gradient, warned once), and ``"raise"`` raises
+  :class:`fp.FoldError`;
 * **excluded** — NaN/Inf solution or data, or a singular ``M`` at x*: exactly zero gradient.
 
 Every kind of message is issued at most once per layer (:class:`Notes`); the number of
@@ -111,8 +112,7 @@ def _user_stacklevel() -> int:
 def apply_policy(layer: FoldedTheseusLayer, policy: str, unconverged: Tensor, failed: Tensor,
                  rel: Tensor, values: dict[str, Tensor], init: dict[str, Tensor],
                  input_tensors: dict[str, Tensor], kwargs: dict[str, Any], mode: Any,
-                 theseus_bwd: dict[str, Any], name: str,
-                 max_it: int) -> tuple[dict[str, Tensor], Tensor]:
+                 name: str, max_it: int) -> tuple[dict[str, Tensor], Tensor]:
     """Apply the ``unconverged`` policy (module docstring); return the values and the
     ``(B,)`` mask of instances that got Theseus's unrolled backward."""
     which = (f"instance(s) {instance_list(unconverged)} (step length ‖M⁻¹g‖/(1+‖x*‖) up "
@@ -133,13 +133,14 @@ def apply_policy(layer: FoldedTheseusLayer, policy: str, unconverged: Tensor, fa
                            "unconverged='unroll' to differentiate the truncated forward.")
     reason = ""
     if policy == "unroll":
-        unrolled, reason = unroll(layer, init, input_tensors, kwargs, mode, theseus_bwd)
+        unrolled, reason = unroll(layer, init, input_tensors, kwargs)
         if unrolled is not None:
+            how = "unroll" if mode is None else mode.name.lower()
             layer._notes.once("unrolled", (
                 f"{name}: the forward did not converge for {which}; as with "
-                "th.TheseusLayer, their gradient is Theseus's unrolled backward through "
-                "the iterations that ran (exact for what was computed), the converged "
-                "instances are folded. unconverged='fold' or 'raise' change this"))
+                f"th.TheseusLayer, their gradient is Theseus's own ({how}) backward of the "
+                "iterations that ran, the converged instances are folded (exact). "
+                "unconverged='fold' or 'raise' change this"))
             values = {k: splice(unconverged, unrolled[k], v) for k, v in values.items()}
             return values, unconverged
     msg = (f"{name}: the forward did not converge for {which}; their gradients are folded "
@@ -151,18 +152,13 @@ def apply_policy(layer: FoldedTheseusLayer, policy: str, unconverged: Tensor, fa
     return values, torch.zeros_like(unconverged)
 
 def unroll(layer: FoldedTheseusLayer, init: dict[str, Tensor], input_tensors: dict[str, Tensor],
-            kwargs: dict[str, Any], mode: Any,
-            theseus_bwd: dict[str, Any]) -> tuple[dict[str, Tensor] | None, str]:
-    """Re-run Theseus's forward from the same start with autograd (its ``unroll``, or
-    ``truncated`` when asked for): the variables' tensors, or ``None`` and why not."""
-    th = import_theseus()
+           kwargs: dict[str, Any]) -> tuple[dict[str, Tensor] | None, str]:
+    """Re-run Theseus's forward from the same start with autograd and the caller's
+    ``backward_mode`` (Theseus's default ``unroll``): the variables' tensors (the same values
+    as the first run, with Theseus's own graph), or ``None`` and why not."""
     # the first run's info is the one returned; Theseus cannot track history under grad
     run_kwargs = {k: v for k, v in kwargs.items()
                   if k not in ("track_err_history", "track_state_history")}
-    if mode == th.BackwardMode.TRUNCATED:
-        run_kwargs.update(theseus_bwd)
-    else:
-        run_kwargs["backward_mode"] = th.BackwardMode.UNROLL
     layer.objective.update({k: t for k, t in init.items() if k not in input_tensors})
     B = layer.objective.batch_size
     try:
@@ -226,9 +222,7 @@ def note_backward_mode(layer: FoldedTheseusLayer, mode: Any, explicit: bool) -> 
     th = import_theseus()
     if not explicit or mode == th.BackwardMode.IMPLICIT:
         return  # implicit is what folding replaces; the default says nothing
-    what = ("not used (DLM); instances whose forward did not converge get Theseus's "
-            "unrolled backward" if mode == th.BackwardMode.DLM else
-            "used only for the instances whose forward did not converge")
+    what = "used only for the instances whose forward did not converge"
     layer._notes.once("backward_mode", (
         f"FoldedTheseusLayer: backward_mode={mode.name.lower()!r} is {what}; converged "
         "instances get the folded (exact implicit) gradient. Use th.TheseusLayer to run "

@@ -89,8 +89,6 @@ _ALIASES = {"gn": "gauss_newton", "lm": "levenberg_marquardt", "gauss-newton": "
             "levenberg-marquardt": "levenberg_marquardt"}
 #: per-call overrides read from ``optimizer_kwargs`` and removed before Theseus sees them.
 FOLD_KWARGS = ("fold_step", "fold_backward", "fold_tol", "fold_maxiter", "fold_unconverged")
-# Theseus's own backward-mode keys: used only for the unconverged instances' unrolled backward.
-_THESEUS_BACKWARD_KWARGS = ("backward_mode", "backward_num_iterations", "dlm_epsilon")
 
 
 def _resolve_step_name(step: str) -> str:
@@ -255,8 +253,8 @@ class FoldedTheseusLayer(FoldedModule):
             raise ValueError(f"dlm_epsilon must be a float but {type(eps_dlm)} was given.")
         if self._geo is None:
             return theseus_backward(self, input_tensors, kwargs, mode)
-        theseus_bwd = {k: kwargs.pop(k) for k in _THESEUS_BACKWARD_KWARGS if k in kwargs}
-        note_backward_mode(self, mode, "backward_mode" in theseus_bwd)
+        # Theseus sees its backward_mode: its forward values are exactly th.TheseusLayer's
+        note_backward_mode(self, mode, "backward_mode" in kwargs)
         step_name = _resolve_step_name(overrides.get("fold_step", self.step))
         solver = overrides.get("fold_backward", self.backward)
         tol = float(overrides.get("fold_tol", self.tol))
@@ -338,7 +336,7 @@ class FoldedTheseusLayer(FoldedModule):
         if bool(unconverged.any()):
             values, unrolled = apply_policy(
                 self, policy, unconverged, failed, rel, values, init, input_tensors, kwargs,
-                mode, theseus_bwd, name, max_it)
+                mode, name, max_it)
         notes = self._notes
         for kind_name, mask in (("converged", converged), ("unconverged", unconverged),
                                 ("unrolled", unrolled), ("excluded", excluded)):

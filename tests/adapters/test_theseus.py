@@ -443,7 +443,7 @@ def test_forward_nonconvergence_warns_naming_instances():
     init = {k: v.clone() for k, v in sol.items()}
     init["a"][1], init["b"][1] = 0.2, 3.0  # instance 1 starts far away
     yy = y.clone().requires_grad_(True)
-    with pytest.warns(UserWarning, match=r"instance\(s\) \[1\] of 3.*unrolled backward"):
+    with pytest.warns(UserWarning, match=r"instance\(s\) \[1\] of 3.*own \(unroll\) backward"):
         values, info = FoldedTheseusLayer(exp_optimizer(max_iterations=2))({"y": yy, **init})
     (g,) = torch.autograd.grad(exp_loss(values).sum(), yy)
     fi = info.fold_info

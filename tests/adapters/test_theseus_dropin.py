@@ -318,3 +318,25 @@ def test_imprecise_linear_solver_floors_the_backward_without_warnings():
     res = info.fold_info.extra["linear_solve_residual"]
     assert 1e-10 < float(res.max()) < 1e-4  # float32 round-off, measured
     assert bool(info.fold_info.backward_converged.all())
+
+
+@pytest.mark.parametrize("mode", ["unroll", "implicit", "truncated", "dlm"])
+def test_values_equal_theseus_for_every_backward_mode(mode):
+    """Theseus sees the caller's backward_mode, so the returned values are th.TheseusLayer's
+    bit for bit in every mode (implicit and truncated end with a forced Gauss-Newton step),
+    also for a truncated forward, whose gradient is then Theseus's own for that mode."""
+    y = data(3, seed=8)
+    kw = {"backward_mode": mode}
+    if mode == "truncated":
+        kw["backward_num_iterations"] = 2
+    out = []
+    for cls in (th.TheseusLayer, FoldedTheseusLayer):
+        yy = y.clone().requires_grad_(True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            values, _ = cls(make_optimizer(max_iterations=3))({"y": yy, **init(3)}, dict(kw))
+        (g,) = torch.autograd.grad(loss_of(values["a"], values["b"]).sum(), yy)
+        out.append((values, g))
+    (v_ref, g_ref), (v, g) = out
+    assert all(torch.equal(v[k].detach(), v_ref[k].detach()) for k in v_ref)
+    assert float((g - g_ref).abs().max()) <= 1e-10 * float(g_ref.abs().max())

@@ -207,3 +207,15 @@ def test_coupled_batch_is_refused_and_batched_false_is_exact():
     c2 = c.clone().requires_grad_(True)
     (solve(c2) ** 2).sum().backward()
     assert _rel(cc.grad, c2.grad) < 1e-10
+
+
+def test_torch_compile_runs_fold_with_graph_breaks_and_same_gradient():
+    # dynamo cannot trace fold's data-dependent checks: it breaks the graph there and runs
+    # fold eagerly (backend "eager" keeps the test fast; the semantics are dynamo's)
+    step, theta, K, n = tanh_problem()
+    folded = _folded(step, K, n)
+    th = theta.clone().requires_grad_(True)
+    torch.compile(lambda t: _loss(folded(t)), backend="eager")(th).backward()
+    th2 = theta.clone().requires_grad_(True)
+    _loss(folded(th2)).backward()
+    assert _rel(th.grad, th2.grad) < 1e-14

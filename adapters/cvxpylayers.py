@@ -1,4 +1,15 @@
-"""cvxpylayers reference: a cvxpy problem as a differentiable torch function (cross-checks).
+"""cvxpylayers plugin and reference.
+
+``FoldedSolver``: a cvxpylayers ``SolverInterface`` whose backward folds one ADMM step of the
+canonical cone program (exact implicit gradient, matrix-free, a few MB) — one keyword switches a
+layer::
+
+    from cvxpylayers.torch import CvxpyLayer
+    from fold_plugins.adapters.cvxpylayers import FoldedSolver, FoldedCvxpyLayer
+    layer = CvxpyLayer(problem, parameters=[q, b], variables=[x], solver=FoldedSolver())
+    layer = FoldedCvxpyLayer(problem, [q, b], [x], backward="dense")   # the same, as a module
+
+Reference (cross-checks): a cvxpy problem as a differentiable torch function.
 
     from fold_plugins.adapters.cvxpylayers import cvxpylayers_reference
     ref = cvxpylayers_reference(problem, [q, b], [x])          # tight tolerances by default
@@ -14,15 +25,30 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from fold_plugins import FoldError
 
-__all__ = ["cvxpylayers_reference", "CvxpyLayersReference", "TIGHT_SOLVER_ARGS",
-           "import_cvx"]
+if TYPE_CHECKING:  # imported lazily at run time (needs cvxpylayers), see __getattr__
+    from ._folded_solver import FoldedCvxpyLayer, FoldedSolver
+
+__all__ = ["FoldedSolver", "FoldedCvxpyLayer", "cvxpylayers_reference", "CvxpyLayersReference",
+           "TIGHT_SOLVER_ARGS", "import_cvx"]
+
+
+def __getattr__(name: str) -> Any:
+    # FoldedSolver subclasses cvxpylayers' SolverInterface: import cvxpylayers only when asked
+    if name in ("FoldedSolver", "FoldedCvxpyLayer"):
+        try:
+            from . import _folded_solver
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError(f"{name} needs cvxpylayers ≥ 1.2 and clarabel ({e}); install "
+                              "them with: pip install 'fold-plugins[cvx]'") from e
+        return getattr(_folded_solver, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: Default diffcp/solver options per forward solver: converge far past the 1e-5 VJP checks.
 #: ``mode="dense"`` solves diffcp's derivative system by dense factorisation (exact for the

@@ -135,13 +135,15 @@ def _check(r: dict) -> None:
           f"{r['worst']:.1e} (solution x: {r['worst_x']:.1e}), {r['warnings']} warnings, "
           f"weakly active counted {r['weak_seen']}/{r['weak_built']}")
     assert r["worst"] <= 1e-6, r
-    # the forward's own accuracy at a degenerate solution (several weakly active rows, not
-    # polished) is ~√tol, not tol: measured 1.8e-6 at the ADMM default tol 1e-10
-    assert r["worst_x"] <= 1e-5, r
+    # the forward polishes every instance once its residuals are small, first with the rows
+    # whose multiplier is round-off dropped: without that, a degenerate, ill-conditioned QP
+    # met the ADMM tol with x 1.8e-6 off and a weakly active row on the wrong side (a 0.53
+    # gradient mismatch in the 2000-QP run); measured now 5.9e-12
+    assert r["worst_x"] <= 1e-8, r
     assert r["warnings"] == 0, r
     assert r["over_counted"] == 0, r
-    # a weakly active row whose forward iterate stopped just outside the √eps band is on its
-    # free side anyway (the gradient above is still the free piece's): most are counted
+    # measured: every constructed weakly active row counted (418/418); the margin allows a
+    # polish that fails and leaves an iterate just outside the √eps band
     assert r["weak_seen"] >= math.floor(0.95 * r["weak_built"]), r
 
 

@@ -65,3 +65,18 @@ def test_nothing_in_the_repository_points_outside_it():
             for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
             if pattern.search(line)]
     assert not hits, hits
+
+
+def test_every_library_name_the_readme_mentions_exists():
+    import fold_plugins as fp
+
+    names = set(re.findall(r"\bfp\.((?:steps|projections|verify|diagnostics|solvers)\.\w+)",
+                           TEXT))
+    # the problem table lists more projections/prox operators after the first, unprefixed
+    for row in TEXT.splitlines():
+        if row.startswith("| ") and "`fp.projections." in row:
+            names |= {f"projections.{n}" for n in re.findall(r"`(\w+)`", row.split("|")[3])}
+    assert len(names) >= 25, names
+    missing = [n for n in sorted(names)
+               if not hasattr(getattr(fp, n.split(".")[0]), n.split(".")[1])]
+    assert not missing, missing

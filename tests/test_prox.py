@@ -4,7 +4,8 @@ Truths: the prox values against cvxpy's argmin; their Jacobians against central 
 differences; folded LASSO / elastic-net / group-lasso / non-negative-LASSO gradients against
 cvxpylayers (SCS at 1e-12, dense derivative) with a cvxpy (Clarabel) forward, against the
 LASSO's closed form on the support, and against finite differences of the whole solve.
-Measured worst relative VJP errors vs cvxpylayers: 1e-12..1e-11 (asserted ≤ 1e-7).
+Measured worst relative VJP errors vs cvxpylayers: 2.8e-13 (LASSO) .. 7.5e-12 (elastic net),
+asserted ≤ 1e-7; vs central differences 1.6e-9.
 """
 
 from __future__ import annotations
@@ -72,6 +73,16 @@ def test_kink_convention_and_closed_forms():
     g = group_lasso(torch.tensor([[3.0, 4.0, 0.0, 0.0]], dtype=F64), 2.5,
                     torch.tensor([0, 0, 1, 1]))
     assert torch.allclose(g, torch.tensor([[1.5, 2.0, 0.0, 0.0]], dtype=F64))  # (1 − 2.5/5)·x
+    # one weight per group (G,), groups given as non-contiguous ids
+    xg = torch.tensor([[3.0, 1.0, 4.0, 2.0]], dtype=F64, requires_grad=True)
+    wg = torch.tensor([2.5, 1.0], dtype=F64, requires_grad=True)
+    out = group_lasso(xg, wg, torch.tensor([0, 1, 0, 1]))
+    n0, n1 = 5.0, 5.0 ** 0.5  # ‖(3, 4)‖, ‖(1, 2)‖
+    want = torch.tensor([[3 * (1 - 2.5 / n0), 1 * (1 - 1 / n1), 4 * (1 - 2.5 / n0),
+                          2 * (1 - 1 / n1)]], dtype=F64)
+    assert torch.allclose(out, want)
+    (gw,) = torch.autograd.grad(out.sum(), wg)
+    assert torch.allclose(gw, torch.tensor([-(3 + 4) / n0, -(1 + 2) / n1], dtype=F64))
     # group of zeros: no NaN in value or gradient
     z = torch.zeros(2, 4, dtype=F64, requires_grad=True)
     (gz,) = torch.autograd.grad(group_lasso(z, 0.1, [2, 2]).sum(), z)

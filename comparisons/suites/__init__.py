@@ -7,6 +7,7 @@ its own (its section records the error) without stopping the others.
 from __future__ import annotations
 
 SUITES: tuple[str, ...] = ("gradient_agreement", "unroll_convergence", "scaling", "theseus",
-                           "learning", "acopf")
+                           "learning", "acopf",
+                           "multilabel")
 
 __all__ = ["SUITES"]

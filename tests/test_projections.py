@@ -359,3 +359,72 @@ def test_projections_inside_fold_projected_gradient_sparsemax():
     err = rel(gx, gref)
     print(f"[measured] folded sparsemax VJP vs closed-form Jacobian: {err:.1e}")
     assert err < 1e-12, err
+
+
+# ----------------------------------------------------------------------------- weakly active
+
+def _noted(fn, x):
+    """``fn(x)`` with a graph inside a notes block: (value, weakly-active counts or None)."""
+    from fold_plugins import _record
+
+    with _record.collect() as notes:
+        out = fn(x)
+    counts = notes.get("weakly_active")
+    return out, (None if counts is None else sum(counts))
+
+
+def test_weakly_active_band_is_decided_by_the_problem_not_round_off():
+    """Issue 9 item 7: x within √eps·scale of a bound takes the free derivative whichever side
+    of the bound round-off put it on; 1e-6 away it does not. Values stay the exact clip."""
+    lo, hi = 0.0, 2.0  # scale 2: band 2·√eps ≈ 3e-8
+    x = torch.tensor([[-1e-12, 1e-12, -1e-6, 2 + 1e-12, 2 - 1e-12, 2 + 1e-6, 1.0]], dtype=DT,
+                     requires_grad=True)
+    z, counts = _noted(lambda t: P.box(t, lo, hi), x)
+    assert z.tolist() == [[0.0, 1e-12, 0.0, 2.0, 2 - 1e-12, 2.0, 1.0]]
+    (g,) = torch.autograd.grad(z.sum(), x)
+    assert g.tolist() == [[1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0]]
+    assert counts.tolist() == [4]
+    # the same rule in the other projections: both sides of the kink give the free piece
+    for s in (-1e-12, 1e-12):
+        xs = torch.tensor([[0.5, 0.5, s]], dtype=DT)  # simplex threshold τ = 0
+        J = ad_jacobian(lambda t: P.simplex(t), xs)
+        free = torch.eye(3, dtype=DT) - torch.full((3, 3), 1 / 3, dtype=DT)
+        assert torch.allclose(J, free, atol=1e-15)
+        assert torch.allclose(P.simplex(xs), torch.tensor([[0.5, 0.5, 0.0]], dtype=DT),
+                              atol=1e-12)
+        v = torch.tensor([[0.6, 0.8]], dtype=DT) * (1 + s)  # ‖v‖ = 1 ± 1e-12
+        assert torch.allclose(ad_jacobian(lambda t: P.l2_ball(t, 1.0), v),
+                              torch.eye(2, dtype=DT), atol=1e-15)
+        assert P.l2_ball(v, 1.0).norm() <= 1.0 + 1e-15  # value: the exact projection
+        a = torch.tensor([1.0, 1.0], dtype=DT)
+        h = torch.tensor([[0.5, 0.5 + s]], dtype=DT)  # aᵀh − 1 = s
+        assert torch.allclose(ad_jacobian(lambda t: P.halfspace(t, a, 1.0), h),
+                              torch.eye(2, dtype=DT), atol=1e-15)
+        assert float((P.halfspace(h, a, 1.0) * a).sum()) <= 1.0 + 1e-15
+    # simplex exact value with a coordinate 1e-12 below τ: still 0, support sum still r
+    zs = P.simplex(torch.tensor([[0.5, 0.5, -1e-12]], dtype=DT))
+    assert zs[0, 2].item() == 0.0 and abs(float(zs.sum()) - 1.0) < 1e-15
+    # and 1e-6 away from the sphere (outside the band) the exact projection's Jacobian
+    v = torch.tensor([[0.6, 0.8]], dtype=DT) * (1 + 1e-6)
+    check_jac(lambda t: P.l2_ball(t, 1.0), v)
+
+
+def test_weakly_active_counts_reach_fold_info_and_verify():
+    """Inside fold, the projections' counts land in FoldInfo.extra["weakly_active"] per
+    instance; the gradient is the free piece's (closed form of a projected-gradient step)."""
+    c = torch.tensor([[0.0, 0.3, 1.0, 1.7], [0.5, -0.2, 1.0 + 1e-13, 0.2]], dtype=DT,
+                     requires_grad=True)
+
+    def step(x, c):  # projected gradient on ½‖x − c‖², box [0, 1]: x* = clip(c)
+        return P.box(x - 0.5 * (x - c), 0.0, 1.0)
+
+    xs = c.detach().clamp(0, 1)
+    x, info = fp.fold(step, xs, c, return_info=True, strict=True)
+    assert info.extra["weakly_active"].tolist() == [2, 1]
+    (g,) = torch.autograd.grad(x.sum(), c)
+    # dx*/dc = 1 on the free set (weakly active counted free), 0 where strictly active
+    expected = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 1.0, 1.0]], dtype=DT)
+    assert torch.allclose(g, expected, atol=1e-14)
+    report = fp.verify.compare_gradients(lambda t: P.box(t, 0.0, 1.0), lambda t: t.clamp(0, 1),
+                                         (c.detach(),))
+    assert report.weakly_active == 3 and "weakly active" in str(report)

@@ -577,3 +577,32 @@ def test_diagnose_predicts_unrolled_accuracy():
         assert rel(g[0], gq) <= acc
     text = str(rep)
     assert f"{rho_closed:.4f}" in text and "never" not in text
+
+
+def test_x0_is_a_buffer_that_follows_to_and_state_dict():
+    """Issue 9 item 11: x0 used to stay float64 after .to(float32) ("mixed dtypes")."""
+    A = torch.tensor([[0.5, 0.1], [0.0, 0.3]], dtype=torch.float64)
+
+    def step(x, t):
+        return x @ A.to(x.dtype).T + t
+
+    loop = FoldedLoop(step, x0=torch.zeros(3, 2, dtype=torch.float64), tol=1e-6)
+    assert list(loop.state_dict()) == ["x0"]
+    loop = loop.to(torch.float32)
+    assert loop.x0.dtype == torch.float32
+    t = torch.ones(3, 2, requires_grad=True)
+    x = loop(t)
+    x.sum().backward()
+    # closed form: x* = (I − A)⁻¹ t, ∂Σx*/∂t = (I − A)⁻ᵀ 1
+    I2 = torch.eye(2, dtype=torch.float64)
+    truth = torch.linalg.solve((I2 - A).T, torch.ones(2, dtype=torch.float64))
+    assert x.dtype == torch.float32 and t.grad.dtype == torch.float32
+    assert torch.allclose(t.grad.double(), truth.expand(3, 2), atol=1e-5)
+    # state_dict round trip (a tuple state: one buffer per part)
+    pair = FoldedLoop(lambda s, t: (0.5 * s[0] + t, 0.2 * s[1] + t),
+                      x0=(torch.zeros(3, 2), torch.ones(3, 2)))
+    assert sorted(pair.state_dict()) == ["x0_0", "x0_1"]
+    other = FoldedLoop(lambda s, t: (0.5 * s[0] + t, 0.2 * s[1] + t),
+                       x0=(torch.full((3, 2), 7.0), torch.full((3, 2), 7.0)))
+    other.load_state_dict(pair.state_dict())
+    assert torch.equal(other.x0_1, torch.ones(3, 2)) and torch.equal(other.x0_0, torch.zeros(3, 2))

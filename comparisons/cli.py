@@ -61,6 +61,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                            "alone well over 30 min (cvxpylayers at n = 1000)")
     size.add_argument("--tiny", dest="mode", action="store_const", const="tiny",
                       help="smallest sizes (seconds): for tests and development only")
+    size.add_argument("--paper-scale", dest="mode", action="store_const", const="paper",
+                      help="the paper's sizes for the learning suites (portfolio, tv_denoising, "
+                           "nonconvex: hours to a day on 2 cores; the expected time is printed "
+                           "first); the other suites run at --full sizes")
     p.set_defaults(mode="quick")
     p.add_argument("--suite", action="append", choices=SUITES, metavar="NAME",
                    help=f"run only this suite (repeatable); one of {', '.join(SUITES)}")
@@ -184,6 +188,13 @@ def _run_all(args: argparse.Namespace, argv: list[str], device: torch.device,
                  seed=args.seed, progress=args.progress, threads=torch.get_num_threads())
     names = list(dict.fromkeys(args.suite)) if args.suite else list(SUITES)
     cfg.extra["suites"] = ", ".join(names)
+    if cfg.mode == "paper":  # say how long before starting (suites' PAPER_EXPECTED)
+        for name in names:
+            try:
+                expected = importlib.import_module(f"comparisons.suites.{name}").PAPER_EXPECTED
+            except Exception:  # noqa: BLE001 - no estimate; an import error is reported later
+                expected = "as --full"
+            print(f"[comparisons] --paper-scale {name}: expected {expected}", file=sys.stderr)
     started = dt.datetime.now().astimezone()
     env = environment(device)
     t0 = time.perf_counter()

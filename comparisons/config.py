@@ -14,7 +14,7 @@ T = TypeVar("T")
 
 # ``tiny`` is for the test-suite and development (seconds); ``quick`` is the default report
 # (< 10 minutes on 2 cores); ``full`` uses the sizes the issue asks for (a quiet machine).
-MODES = ("tiny", "quick", "full")
+MODES = ("tiny", "quick", "full", "paper")  # paper: the paper's sizes (learning suites; hours)
 
 
 @dataclass
@@ -56,9 +56,10 @@ class Config:
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}.")
 
-    def pick(self, tiny: T, quick: T, full: T) -> T:
-        """The value for this run's mode."""
-        return {"tiny": tiny, "quick": quick, "full": full}[self.mode]
+    def pick(self, tiny: T, quick: T, full: T, paper: T | None = None) -> T:
+        """The value for this run's mode (``paper`` falls back to ``full`` when not given)."""
+        return {"tiny": tiny, "quick": quick, "full": full,
+                "paper": full if paper is None else paper}[self.mode]
 
     def tensor(self, data: Any) -> torch.Tensor:
         """``torch.as_tensor`` on this run's device and dtype."""

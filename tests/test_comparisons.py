@@ -129,13 +129,13 @@ def test_cli_report_unroll_convergence_numbers(tiny_report):
 
 
 def test_failing_suite_is_reported_and_exit_is_nonzero(tmp_path, monkeypatch):
-    from comparisons.suites import learning
+    from comparisons.suites import portfolio
 
     def boom(cfg):
         raise RuntimeError("dependency missing for this test")
 
-    monkeypatch.setattr(learning, "run", boom)
-    code = cli.main(["--tiny", "--suite", "learning", "--out", str(tmp_path), "--no-progress"])
+    monkeypatch.setattr(portfolio, "run", boom)
+    code = cli.main(["--tiny", "--suite", "portfolio", "--out", str(tmp_path), "--no-progress"])
     assert code == 1
     report = (tmp_path / "report.md").read_text()
     assert "This suite did not complete" in report and "dependency missing" in report
@@ -162,24 +162,6 @@ def test_scaling_point_errors_against_closed_form(tmp_path):
     assert pts["unrolled K=100"].memory.saved >= 100 * row
     assert pts["folded gmres"].memory.saved <= 16 * 16 * 8 + 4 * row
     assert pts["folded gmres"].timing.repeats == cfg.repeats
-
-
-def test_learning_gradient_check_against_kkt(tmp_path):
-    """The learning suite's ∂loss/∂μ̂: folded vs the closed-form KKT gradient."""
-    from comparisons.suites import learning
-
-    cfg = _tiny(tmp_path)
-    n, p, N = 8, 5, 16
-    z, mu, r = learning._data(cfg, n, p, N, seed=21)
-    port = learning.Portfolio(learning._risk(cfg, n, seed=22), 5.0)
-    data = {"z_train": z, "r_train": r}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        check = learning._grad_check(cfg, port, learning._cvxpy_layer(port), data, N)
-    assert check["folded"] < 1e-8
-    # cvxpylayers with SCS's default tolerances: close, not exact (what the report shows)
-    assert check["cvxpylayers"] < 5e-2
-    assert check["support"] > 1.5  # a non-vertex solution, so the gradient is not 0
 
 
 def test_theseus_fd_truth_matches_implicit_at_zero_residual(tmp_path):
@@ -319,21 +301,3 @@ def test_scaling_keeps_results_when_plot_fails_and_flags_unconverged_backward(tm
     assert d["n=12,B=2,folded capped"]["error"] > 1e-3  # two terms of the Neumann series
     assert "✗" in res.markdown and "folded capped at n=12, B=2" in res.markdown
     assert res.headline == []  # no cvxpylayers/unrolled column: nothing to quote
-
-
-def test_learning_keeps_training_results_when_gradient_check_fails(tmp_path, monkeypatch):
-    from comparisons.suites import learning
-
-    def boom(*args, **kwargs):
-        raise RuntimeError("check exploded")
-
-    monkeypatch.setattr(learning, "_grad_check", boom)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = learning.run(_tiny(tmp_path))
-    assert any("check exploded" in e for e in res.errors)
-    runs = res.data["runs"]
-    assert set(runs) >= {"folded", "cvxpylayers", "two-stage (MSE)"}
-    assert runs["folded"]["backward_unconverged"] == 0 and runs["folded"]["backward_solves"] > 0
-    assert len(runs["folded"]["regret"]) == 3  # start + 2 tiny epochs
-    assert "time / epoch" in res.markdown and res.figures

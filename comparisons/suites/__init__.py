@@ -7,7 +7,7 @@ its own (its section records the error) without stopping the others.
 from __future__ import annotations
 
 SUITES: tuple[str, ...] = ("gradient_agreement", "unroll_convergence", "scaling", "theseus",
-                           "learning", "acopf",
+                           "portfolio", "tv_denoising", "nonconvex", "acopf",
                            "multilabel")
 
 __all__ = ["SUITES"]

@@ -145,8 +145,9 @@ def unit_eigenvalues(step: Callable, x_star: State, *params: Any, batched: bool 
             float64, far from the ``1e-7`` gap of a slow but isolated ``ρ = 1 − 1e-7``).
 
     Returns:
-        ``(count, rho_rest)``: ``(B,)`` int64 number of eigenvalues at 1 and ``(B,)`` largest
-        ``|λ|`` over the other eigenvalues.
+        ``(count, rho_rest)``: ``(B,)`` int64 number of Ritz values at 1 (≥ 1 exactly where
+        ``Φ`` has the eigenvalue 1; a repeated eigenvalue may show once in a Krylov space) and
+        ``(B,)`` largest ``|λ|`` over the other eigenvalues.
     """
     lin = linearize(step, x_star, *params, batched=batched)
     ref = lin.x_parts[0]

@@ -161,3 +161,28 @@ def test_unrolling_report_numbers():
     assert "max 0.9000" in text and "min 0.8000" in text
     # the worst instance (ρ = 0.9) sets K: ⌈ln 1e-4 / ln 0.9⌉ = 88
     assert "gradient error 1e-04: 88" in text
+
+
+def test_unit_eigenvalue_is_a_gauge_and_1_minus_1e7_is_not():
+    """Issue 9 item 6: Φ with eigenvalues {1, 1 − 1e-7, …} known by construction."""
+    g = torch.Generator().manual_seed(4)
+    B, n = 3, 10
+    Q, _ = torch.linalg.qr(torch.randn(B, n, n, generator=g, dtype=torch.float64))
+    lam = torch.rand(B, n, generator=g, dtype=torch.float64) * 1.2 - 0.6
+    lam[0, 0] = 1.0  # a gauge: Φ e = e
+    lam[1, 0] = 1 - 1e-7  # slow but isolated
+    lam[2, :2] = torch.tensor([1.0, 1.0], dtype=torch.float64)  # two gauge directions
+    Phi = (Q * lam[:, None, :]) @ Q.mT
+
+    def step(x, t):
+        return (Phi @ x.unsqueeze(-1)).squeeze(-1) + t
+
+    xs = torch.zeros(B, n, dtype=torch.float64)
+    count, rest = fp.diagnostics.unit_eigenvalues(step, xs, torch.zeros(B, n, dtype=torch.float64))
+    # a repeated eigenvalue shows once in a Krylov space: the count is ≥ 1, not its multiplicity
+    assert count[0] == 1 and count[1] == 0 and count[2] >= 1
+    lam_abs = lam.abs()
+    expected = torch.stack([lam_abs[0, 1:].max(), lam_abs[1].max(), lam_abs[2, 2:].max()])
+    assert torch.allclose(rest, expected, atol=1e-12)
+    text = unrolling_report(step, xs, torch.zeros(B, n, dtype=torch.float64))
+    assert "not isolated" in text and "[0, 2] of 3" in text

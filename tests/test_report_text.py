@@ -26,7 +26,10 @@ TEXT_SOURCES = ["comparisons/report.py", "comparisons/cli.py",
 
 def _module_intro(name: str) -> str:
     """The suite module's ``INTRO`` constant, read without importing it."""
-    tree = ast.parse((SUITES_DIR / f"{name}.py").read_text())
+    path = SUITES_DIR / f"{name}.py"
+    if not path.exists():  # a subpackage, or a suite being added
+        return ""
+    tree = ast.parse(path.read_text())
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "INTRO"
                                                 for t in node.targets):

@@ -48,8 +48,6 @@ GLOSSARY: tuple[tuple[str, str], ...] = (
 #: One plain-language sentence opening each suite's section, for suites whose module does not
 #: define ``INTRO`` itself.
 INTROS: dict[str, str] = {
-    "learning": "Trains a model end to end through an optimisation layer and shows that the "
-                "folded layer learns as well as cvxpylayers in less time per epoch.",
     "portfolio": "Trains a return predictor through a risk-constrained portfolio problem and "
                  "compares the decisions it learns (test regret) and the training time of "
                  "folding, cvxpylayers, unrolling and two baselines.",

@@ -59,7 +59,7 @@ def test_report_has_glossary_first_and_intros_per_section(tmp_path):
 
     cfg = Config(mode="tiny", out=tmp_path)
     results = [SuiteResult("scaling", "3. Scaling", markdown="body A", intro="Plain one."),
-               SuiteResult("learning", "5. Learning", markdown="body B")]
+               SuiteResult("portfolio", "6. Portfolio", markdown="body B")]
     path = write_report(cfg, {"CPU": "x"}, results, dt.datetime.now(dt.timezone.utc), 1.0, [])
     text = path.read_text()
     g, m = text.index("**Terms used below.**"), text.index("## Machine, versions, settings")
@@ -70,8 +70,8 @@ def test_report_has_glossary_first_and_intros_per_section(tmp_path):
         assert term in text[g:m], term
     sec_a = text[text.index("## 3. Scaling"):]
     assert sec_a.split("\n")[2] == "*Plain one.*"
-    sec_b = text[text.index("## 5. Learning"):]
-    assert sec_b.split("\n")[2].startswith("*Trains a model")  # the fallback for modules
+    sec_b = text[text.index("## 6. Portfolio"):]
+    assert sec_b.split("\n")[2].startswith("*Trains a return predictor")  # INTROS fallback
     assert sec_b.index("*Trains") < sec_b.index("body B")
 
 

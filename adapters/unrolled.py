@@ -120,6 +120,8 @@ class UnrollingDiagnosis:
         rho_without_unit: ``(B,)`` largest ``|λ|`` over the other eigenvalues: the rate at
             which unrolling converges for a loss the gauge does not move.
         backward_not_isolated: ``(B,)`` bool, the backward solver flagged ``I − Φ`` singular.
+        weakly_active: ``(B,)`` weakly active constraints the step's projections reported at
+            ``x*`` (see :mod:`fold_plugins.projections`), ``None`` when the step has none.
     """
 
     spectral_radius: Tensor
@@ -137,6 +139,7 @@ class UnrollingDiagnosis:
     unit_eigenvalues: Tensor | None = None
     rho_without_unit: Tensor | None = None
     backward_not_isolated: Tensor | None = None
+    weakly_active: Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __str__(self) -> str:
@@ -147,6 +150,11 @@ class UnrollingDiagnosis:
                  f"spectral radius ρ(Φ): min {float(rho.min()):.4f}, max {float(rho.max()):.4f}"]
         if self.forward_iterations is not None:
             lines.append(f"forward iterations: max {int(self.forward_iterations.max())}")
+        if self.weakly_active is not None and bool((self.weakly_active > 0).any()):
+            wa = self.weakly_active.detach().cpu()
+            lines.append(f"weakly active constraints: {int(wa.sum())} in instance(s) "
+                         f"{instance_list(wa > 0)} (on a bound with a zero multiplier: the "
+                         "derivative is one-sided there; the free piece's is used)")
         if self.unit_eigenvalues is not None and self.rho_without_unit is not None:
             lines += fpd.gauge_lines(self.unit_eigenvalues, self.rho_without_unit,
                                      tuple(self.unroll_iterations))
@@ -395,6 +403,9 @@ class FoldedLoop(FoldedModule):
         out = UnrollingDiagnosis(spectral_radius=rho, fixed_point_residual=res,
                                  unroll_iterations=its, state_size=lin.spec.n,
                                  unit_eigenvalues=n_unit, rho_without_unit=rho_rest)
+        weak = lin.notes.get("weakly_active")
+        if weak:
+            out.weakly_active = sum(w.detach() for w in weak)
         if n_iter is not None:
             out.n_iter = _check_n_iter(n_iter)
             out.predicted_unroll_error = fpd.predicted_unroll_error(rho, out.n_iter)

@@ -606,3 +606,16 @@ def test_x0_is_a_buffer_that_follows_to_and_state_dict():
                        x0=(torch.full((3, 2), 7.0), torch.full((3, 2), 7.0)))
     other.load_state_dict(pair.state_dict())
     assert torch.equal(other.x0_1, torch.ones(3, 2)) and torch.equal(other.x0_0, torch.zeros(3, 2))
+
+
+def test_diagnose_reports_weakly_active_constraints():
+    """x* = clip(c, 0, 1): the entries of c exactly on a bound are weakly active (zero
+    multiplier of ½‖x − c‖²), counted by construction."""
+    import fold_plugins as fp
+
+    c = torch.tensor([[0.0, 0.3, 1.0, 1.7], [0.5, -0.2, 1.0, 0.2]], dtype=torch.float64)
+    loop = FoldedLoop(lambda x, c: fp.projections.box(x - 0.5 * (x - c), 0.0, 1.0),
+                      x0=torch.zeros(2, 4, dtype=torch.float64), tol=1e-12)
+    d = loop.diagnose(c)
+    assert d.weakly_active.tolist() == [2, 1]
+    assert "weakly active constraints: 3" in str(d)

@@ -46,12 +46,9 @@ def spectral_radius(step: Callable, x_star: State, *params: Any, batched: bool =
     """
     if method not in ("arnoldi", "power"):
         raise FoldError(f"spectral_radius: method must be 'arnoldi' or 'power', got {method!r}.")
-    lin = linearize(step, x_star, *params, batched=batched)
+    lin, v = _linearize_with_start(step, x_star, params, batched, seed)
     ref = lin.x_parts[0]
     B, n = lin.spec.B, lin.spec.n
-    gen = torch.Generator(device=ref.device).manual_seed(seed)
-    v = torch.randn(B, n, generator=gen, dtype=ref.dtype, device=ref.device)
-    v = v / v.norm(dim=1, keepdim=True)
     tiny = torch.finfo(ref.dtype).tiny
     if method == "arnoldi":
         k = max(1, min(n, maxiter if maxiter is not None else 80))
@@ -99,6 +96,16 @@ def spectral_radius(step: Callable, x_star: State, *params: Any, batched: bool =
         if k >= 2 * window and still >= window:
             break
     return est.detach()
+
+
+def _linearize_with_start(step: Callable, x_star: State, params: tuple, batched: bool,
+                          seed: int) -> tuple[Any, Tensor]:
+    """The step linearised at ``x*`` and a seeded random unit start vector ``(B, n)``."""
+    lin = linearize(step, x_star, *params, batched=batched)
+    ref = lin.x_parts[0]
+    gen = torch.Generator(device=ref.device).manual_seed(seed)
+    v = torch.randn(lin.spec.B, lin.spec.n, generator=gen, dtype=ref.dtype, device=ref.device)
+    return lin, v / v.norm(dim=1, keepdim=True)
 
 
 def _ritz_values(lin: Any, v: Tensor, k: int) -> Tensor:
@@ -149,13 +156,9 @@ def unit_eigenvalues(step: Callable, x_star: State, *params: Any, batched: bool 
         ``Φ`` has the eigenvalue 1; a repeated eigenvalue may show once in a Krylov space) and
         ``(B,)`` largest ``|λ|`` over the other eigenvalues.
     """
-    lin = linearize(step, x_star, *params, batched=batched)
+    lin, v = _linearize_with_start(step, x_star, params, batched, seed)
     ref = lin.x_parts[0]
-    B, n = lin.spec.B, lin.spec.n
-    gen = torch.Generator(device=ref.device).manual_seed(seed)
-    v = torch.randn(B, n, generator=gen, dtype=ref.dtype, device=ref.device)
-    v = v / v.norm(dim=1, keepdim=True)
-    k = max(1, min(n, maxiter if maxiter is not None else 80))
+    k = max(1, min(lin.spec.n, maxiter if maxiter is not None else 80))
     eig = _ritz_values(lin, v, k)
     tol = torch.finfo(ref.dtype).eps ** (2 / 3) if tol is None else float(tol)
     unit = (eig - 1).abs() <= tol

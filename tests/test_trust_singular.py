@@ -55,12 +55,17 @@ def _plan_loss(s, C, W):
     return (torch.exp((f[:, :, None] + g[:, None, :] - C) / EPS) * W).sum()
 
 
-def test_sinkhorn_with_the_gauge_fixed_matches_3000_unrolled_steps():
+def _unrolled_truth(fix_gauge):
+    """(step, leaves (C, a, b), W, gradients of the plan loss after 3000 unrolled steps, x*)."""
     C, a, b, W = _problem()
-    step = sinkhorn_step(True)
+    step = sinkhorn_step(fix_gauge)
     ps = [t.clone().requires_grad_(True) for t in (C, a, b)]
     truth = torch.autograd.grad(_plan_loss(_unroll(step, ps, 3000), ps[0], W), ps)
-    xs = _unroll(step, [p.detach() for p in ps], 3000)
+    return step, ps, W, truth, _unroll(step, [p.detach() for p in ps], 3000)
+
+
+def test_sinkhorn_with_the_gauge_fixed_matches_3000_unrolled_steps():
+    step, ps, W, truth, xs = _unrolled_truth(True)
     for solver in ("gmres", "dense", "bicgstab"):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a correct gradient: no warning at all
@@ -106,11 +111,7 @@ def test_sinkhorn_without_the_gauge_inconsistent_loss_says_not_isolated(solver):
 def test_gmres_without_the_gauge_and_an_invariant_loss_equals_unrolling():
     # a loss the gauge does not move is consistent: GMRES (started at 0, so in the Krylov
     # space of g, as unrolling) converges to the unrolled gradient; there is nothing to flag
-    C, a, b, W = _problem()
-    step = sinkhorn_step(False)
-    ps = [t.clone().requires_grad_(True) for t in (C, a, b)]
-    truth = torch.autograd.grad(_plan_loss(_unroll(step, ps, 3000), ps[0], W), ps)
-    xs = _unroll(step, [p.detach() for p in ps], 3000)
+    step, ps, W, truth, xs = _unrolled_truth(False)
     got = torch.autograd.grad(_plan_loss(fp.fold(step, xs, *ps, strict=True), ps[0], W), ps)
     for g, t in zip(got, truth):
         assert (g - t).norm() / t.norm() <= 1e-8

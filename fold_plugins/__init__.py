@@ -24,6 +24,7 @@ __all__ = [
     "diagnostics",
     "fold",
     "projections",
+    "prox",
     "solvers",
     "steps",
     "verify",
@@ -32,8 +33,8 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # steps, projections and verify are imported on first use (they are larger)
-    if name in ("steps", "projections", "verify"):
+    # steps, projections, prox and verify are imported on first use (they are larger)
+    if name in ("steps", "projections", "prox", "verify"):
         import importlib
 
         mod = importlib.import_module(f".{name}", __name__)

@@ -112,9 +112,12 @@ def _user_stacklevel() -> int:
 def apply_policy(layer: FoldedTheseusLayer, policy: str, unconverged: Tensor, failed: Tensor,
                  rel: Tensor, values: dict[str, Tensor], init: dict[str, Tensor],
                  input_tensors: dict[str, Tensor], kwargs: dict[str, Any], mode: Any,
-                 name: str, max_it: int) -> tuple[dict[str, Tensor], Tensor]:
+                 name: str, max_it: int,
+                 computed: dict[str, Tensor] | None = None) -> tuple[dict[str, Tensor], Tensor]:
     """Apply the ``unconverged`` policy (module docstring); return the values and the
-    ``(B,)`` mask of instances that got Theseus's unrolled backward."""
+    ``(B,)`` mask of instances that got Theseus's own backward. ``computed``: the forward's
+    outputs when it already ran with Theseus's graph (implicit/truncated/dlm), else ``None``
+    (the forward is re-run with autograd)."""
     which = (f"instance(s) {instance_list(unconverged)} (step length ‖M⁻¹g‖/(1+‖x*‖) up "
              f"to {float(rel[unconverged].max()):.1e}, Theseus status not CONVERGED)")
     if bool((failed & unconverged).any()):
@@ -133,7 +136,12 @@ def apply_policy(layer: FoldedTheseusLayer, policy: str, unconverged: Tensor, fa
                            "unconverged='unroll' to differentiate the truncated forward.")
     reason = ""
     if policy == "unroll":
-        unrolled, reason = unroll(layer, init, input_tensors, kwargs)
+        if computed is not None:
+            B = unconverged.numel()
+            unrolled = {k: t if t.shape[0] == B else t.expand(B, *t.shape[1:])
+                        for k, t in computed.items()}
+        else:
+            unrolled, reason = unroll(layer, init, input_tensors, kwargs)
         if unrolled is not None:
             how = "unroll" if mode is None else mode.name.lower()
             layer._notes.once("unrolled", (

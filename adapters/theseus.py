@@ -264,9 +264,17 @@ class FoldedTheseusLayer(FoldedModule):
         geo = self._geo
         init = {v.name: v.tensor for v in geo.ordering}  # to re-run the forward with autograd
         optimizer = self.optimizer
-        with torch.no_grad():
-            _, th_info = self.layer(input_tensors, optimizer_kwargs=kwargs)
+        # Theseus's unroll would record every iteration: run it without a graph (re-run only
+        # if an instance needs it); implicit/truncated/dlm keep a graph of one or a few steps,
+        # so they run as th.TheseusLayer runs them and their graph serves unconverged instances
+        cheap_graph = mode != th.BackwardMode.UNROLL and torch.is_grad_enabled()
+        with torch.set_grad_enabled(cheap_graph):
+            computed, th_info = self.layer(input_tensors, optimizer_kwargs=kwargs)
         x_star = self._solution()
+        if cheap_graph:
+            geo.set_vars(x_star)  # the fold reads the objective without Theseus's graph
+        else:
+            computed = None
         kind = self._step_kind(step_name)
         B = x_star[0].shape[0]
         dev, dt = x_star[0].device, x_star[0].dtype
@@ -336,7 +344,7 @@ class FoldedTheseusLayer(FoldedModule):
         if bool(unconverged.any()):
             values, unrolled = apply_policy(
                 self, policy, unconverged, failed, rel, values, init, input_tensors, kwargs,
-                mode, name, max_it)
+                mode, name, max_it, computed)
         notes = self._notes
         for kind_name, mask in (("converged", converged), ("unconverged", unconverged),
                                 ("unrolled", unrolled), ("excluded", excluded)):

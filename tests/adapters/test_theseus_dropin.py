@@ -333,7 +333,8 @@ def test_values_equal_theseus_for_every_backward_mode(mode):
     for cls in (th.TheseusLayer, FoldedTheseusLayer):
         yy = y.clone().requires_grad_(True)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", UserWarning)  # the one-time notes
+            warnings.simplefilter("error", fp.FoldConvergenceWarning)
             values, _ = cls(make_optimizer(max_iterations=3))({"y": yy, **init(3)}, dict(kw))
         (g,) = torch.autograd.grad(loss_of(values["a"], values["b"]).sum(), yy)
         out.append((values, g))

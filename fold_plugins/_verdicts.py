@@ -16,9 +16,11 @@ __all__ = ["NOT_ISOLATED", "backward_remedy", "not_isolated_mask"]
 
 #: The verdict for a singular ``I − Φ`` (every solver, :func:`fold_plugins.diagnostics` too).
 NOT_ISOLATED = ("the fixed point is not isolated (e.g. a gauge or symmetry): I − Φ is singular "
-                "there (Φ has an eigenvalue 1), so dx*/dθ is not defined and no tolerance or "
-                "solver fixes it; fix the gauge in the step (e.g. pin one coordinate or "
-                "subtract the mean of the free direction after each update)")
+                "there to working precision (Φ has an eigenvalue 1), so dx*/dθ is not defined "
+                "and no tolerance or solver fixes it; fix the gauge in the step (e.g. pin one "
+                "coordinate or subtract the mean of the free direction after each update) — "
+                "or, if the step has no such symmetry, it is too ill-conditioned for this dtype "
+                "(in float32, use float64)")
 
 
 def not_isolated_mask(s: SolveInfo) -> Tensor:

@@ -797,3 +797,18 @@ def test_steps_keep_dtype_float32_and_match_float64():
     err_md, err_mg = rel(xs.double(), closed), rel(gc.double(), gref)
     print(f"[measured] float32 mirror descent vs closed form: x {err_md:.1e}, grad {err_mg:.1e}")
     assert err_md < 1e-6 and err_mg < 1e-5, (err_md, err_mg)
+
+
+def test_qp_default_backward_tol_float32_no_false_alarm_under_strict():
+    """Issue 9 item 8: qp's default backward_tol (1e-12) is below float32's round-off floor;
+    the solver's measured floor accepts the correct gradient instead of raising (an
+    n-scaled singularity threshold once called this QP "not isolated")."""
+    P, q, A, l, u = _general_qp(B=2)
+    w = torch.randn(2, 8, dtype=DT)
+    grads = {}
+    for dt, tol in ((torch.float32, 1e-5), (DT, 1e-12)):
+        Pl, ql, Al = leaves(P.to(dt), q.to(dt), A.to(dt))
+        x = S.qp(Pl, ql, Al, l.to(dt), u.to(dt), admm_options={"tol": tol}, strict=True)
+        grads[dt] = torch.autograd.grad((x * w.to(dt)).sum(), [Pl, ql, Al])
+    err = max(rel(a.double(), b) for a, b in zip(grads[torch.float32], grads[DT]))
+    assert err < 1e-3, err

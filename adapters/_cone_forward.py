@@ -23,13 +23,59 @@ from fold_plugins import cones as K
 
 from ._cone_program import ConeProgram
 
-__all__ = ["CLARABEL_SETTINGS", "solve_clarabel", "solve_torch_qp"]
+__all__ = ["CLARABEL_SETTINGS", "ConeProgramSolveError", "solve_clarabel", "solve_torch_qp"]
+
+
+def _solver_error_base() -> type:
+    try:  # diffcp comes with cvxpylayers; its SolverError is what the default layer raises
+        from diffcp import SolverError
+    except ImportError:  # pragma: no cover - depends on the environment
+        return Exception
+    return SolverError
+
+
+class ConeProgramSolveError(FoldError, _solver_error_base()):  # type: ignore[misc]
+    """An instance has no solution (infeasible or unbounded): a :class:`FoldError` that is also
+    ``diffcp.SolverError``, so code written for cvxpylayers' default backend catches it."""
 
 #: Clarabel settings of the default forward: far tighter than its 1e-8 defaults, so that the
 #: fixed-point residual of the folded step is at round-off level.
 CLARABEL_SETTINGS: dict[str, Any] = {"tol_gap_abs": 1e-11, "tol_gap_rel": 1e-11,
                                      "tol_feas": 1e-11, "tol_ktratio": 1e-9, "max_iter": 400,
                                      "verbose": False}
+
+
+#: cvxpylayers/diffcp ``solver_args`` names → Clarabel settings (so a layer's existing
+#: ``solver_args`` keep their meaning); diffcp-only keys are accepted and have no effect.
+_ALIASES = {"max_iters": ("max_iter",), "eps": ("tol_gap_abs", "tol_gap_rel", "tol_feas"),
+            "eps_abs": ("tol_gap_abs", "tol_feas"), "eps_rel": ("tol_gap_rel",),
+            "tol": ("tol_gap_abs", "tol_gap_rel", "tol_feas")}
+_DIFFCP_ONLY = {"solve_method", "mode", "n_jobs_forward", "n_jobs_backward",
+                "acceleration_lookback", "eps_infeas", "normalize", "use_indirect", "scale"}
+#: statuses with no solution (an error); every other non-"Solved" status returns the last
+#: iterate flagged as unconverged
+_NO_SOLUTION = ("PrimalInfeasible", "DualInfeasible", "AlmostPrimalInfeasible",
+                "AlmostDualInfeasible")
+
+
+def clarabel_settings(options: dict[str, Any]) -> Any:
+    """A ``clarabel.DefaultSettings`` from :data:`CLARABEL_SETTINGS` and ``options``."""
+    import clarabel
+
+    st = clarabel.DefaultSettings()
+    opts = dict(CLARABEL_SETTINGS)
+    for k, v in options.items():
+        if k in _DIFFCP_ONLY:
+            continue
+        for name in _ALIASES.get(k, (k,)):
+            opts[name] = v
+    for k, v in opts.items():
+        if not hasattr(st, k):
+            raise FoldError(f"FoldedSolver: unknown Clarabel setting {k!r} in solver_args / "
+                            f"forward_options; valid: {sorted(a for a in dir(st) if a[0] != '_')}"
+                            f" (and the aliases {sorted(_ALIASES)}).")
+        setattr(st, k, v)
+    return st
 
 
 def _psd_perm(k: int) -> np.ndarray:
@@ -80,8 +126,7 @@ def solve_clarabel(prog: ConeProgram, P: Tensor | None, q: Tensor, A: Tensor,
         raise ImportError(f"FoldedSolver's default forward needs clarabel ({e}); install it "
                           "with: pip install 'fold-plugins[cvx]', or use forward='torch'.") from e
     cones, perm = _clarabel_layout(prog)
-    opts = dict(CLARABEL_SETTINGS)
-    opts.update(settings or {})
+    st = clarabel_settings(settings or {})
     B = q.shape[0]
     dt, dev = q.dtype, q.device
     Pv, c, Gv, h = (None if t is None else t.detach().to("cpu", torch.float64).numpy()
@@ -98,12 +143,9 @@ def solve_clarabel(prog: ConeProgram, P: Tensor | None, q: Tensor, A: Tensor,
         else:
             Pf = sp.csc_matrix((Pv[i], (prog.P_rows.numpy(), prog.P_cols.numpy())), shape=(n, n))
             Pm = sp.triu(0.5 * (Pf + Pf.T)).tocsc()
-        st = clarabel.DefaultSettings()
-        for k, v in opts.items():
-            setattr(st, k, v)
         sol = clarabel.DefaultSolver(Pm, c[i], Ad, h[i][perm], cones, st).solve()
         status = str(sol.status)
-        if status not in ("Solved", "AlmostSolved"):
+        if status in _NO_SOLUTION or not np.isfinite(np.asarray(sol.x)).all():
             failed.setdefault(status, []).append(i)
             continue
         s_c, z_c = np.empty(m), np.empty(m)
@@ -115,10 +157,10 @@ def solve_clarabel(prog: ConeProgram, P: Tensor | None, q: Tensor, A: Tensor,
         ok.append(status == "Solved")
     if failed:
         desc = "; ".join(f"{k}: {v}" for k, v in failed.items())
-        raise FoldError(f"FoldedSolver: Clarabel could not solve instance(s) of the batch of "
-                        f"{B} ({desc}). Infeasible or unbounded instances have no solution to "
-                        "differentiate; check those parameter values (or relax max_iter via "
-                        "FoldedSolver(forward_options={{'max_iter': ...}}) for MaxIterations).")
+        raise ConeProgramSolveError(
+            f"FoldedSolver: Clarabel could not solve instance(s) of the batch of {B} ({desc}). "
+            "Infeasible or unbounded instances have no solution to differentiate; check those "
+            "parameter values.")
 
     def t(a: list) -> Tensor:
         return torch.as_tensor(np.stack(a), dtype=dt, device=dev)
@@ -131,7 +173,7 @@ def solve_torch_qp(prog: ConeProgram, P: Tensor | None, q: Tensor, A: Tensor,
                    options: dict[str, Any] | None = None, strict: bool = False
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Batched torch ADMM (OSQP-style, polished) for LP/QP instances of (1)."""
-    from fold_plugins.steps.quadprog import INF, solve_qp_admm
+    from fold_plugins.steps.quadprog import INF, QPInfeasibleError, solve_qp_admm
 
     d = prog.dims
     if d.soc or d.psd or d.exp:
@@ -149,7 +191,10 @@ def solve_torch_qp(prog: ConeProgram, P: Tensor | None, q: Tensor, A: Tensor,
                          torch.full_like(h, INF))
         opts = {"tol": 1e-10 if q.dtype == torch.float64 else 1e-5, "maxiter": 20_000}
         opts.update(options or {})
-        (x, _, ya), info = solve_qp_admm(Pd, c, Gd, lo, up, strict=strict, **opts)
+        try:
+            (x, _, ya), info = solve_qp_admm(Pd, c, Gd, lo, up, strict=strict, **opts)
+        except QPInfeasibleError as e:
+            raise ConeProgramSolveError(f"FoldedSolver(forward='torch'): {e}") from e
         s = K.product(prog.G(Gv, x) + h, d)
         y = K.product(-ya, d, dual=True)
     return x, s, y, info.iterations, info.converged

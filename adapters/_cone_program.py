@@ -73,21 +73,25 @@ class ConeProgram:
                             "or use CvxpyLayer's default solver for this problem.")
         dims = K.ConeDims(zero=int(d.zero), nonneg=int(d.nonneg), soc=tuple(d.soc),
                           psd=tuple(d.psd), exp=int(d.exp))
-        idx, ptr, (m, n1) = ctx.reduced_A.problem_data_index
-        idx, ptr = np.asarray(idx), np.asarray(ptr)
-        cols = np.repeat(np.arange(n1), np.diff(ptr))
-        n, m = int(n1) - 1, int(m)
-        if dims.size != m:
-            raise FoldError(f"FoldedSolver: cone sizes add up to {dims.size} but the program "
-                            f"has {m} constraint rows; this cvxpylayers layout is not supported.")
-        last = cols == n
         P_rows = P_cols = None
         if ctx.reduced_P.problem_data_index is not None:
-            pidx, pptr, _ = ctx.reduced_P.problem_data_index
+            pidx, pptr, (n_p, _) = ctx.reduced_P.problem_data_index
             pptr = np.asarray(pptr)
             P_rows = torch.as_tensor(np.asarray(pidx), dtype=torch.long)
             P_cols = torch.as_tensor(np.repeat(np.arange(len(pptr) - 1), np.diff(pptr)),
                                      dtype=torch.long)
+        if ctx.reduced_A.problem_data_index is None:  # no constraints at all
+            idx = cols = np.zeros(0, dtype=np.int64)
+            n, m = int(n_p), 0
+        else:
+            idx, ptr, (m, n1) = ctx.reduced_A.problem_data_index
+            idx, ptr = np.asarray(idx), np.asarray(ptr)
+            cols = np.repeat(np.arange(n1), np.diff(ptr))
+            n, m = int(n1) - 1, int(m)
+        if dims.size != m:
+            raise FoldError(f"FoldedSolver: cone sizes add up to {dims.size} but the program "
+                            f"has {m} constraint rows; this cvxpylayers layout is not supported.")
+        last = cols == n
         return cls(n=n, m=m, dims=dims, P_rows=P_rows, P_cols=P_cols,
                    G_rows=torch.as_tensor(idx[~last], dtype=torch.long),
                    G_cols=torch.as_tensor(cols[~last], dtype=torch.long),

@@ -96,7 +96,7 @@ def _exp_normal_eq(r: Tensor, v: Tensor) -> Tensor:
     return v[..., 0] * n0 + v[..., 1] * n1 + v[..., 2] * n2
 
 
-def _exp_solve_r(v: Tensor, iters: int = 60) -> Tensor:
+def _exp_solve_r(v: Tensor, iters: int = 40) -> Tensor:
     """Ray parameter ``r`` of the projection of ``v`` onto the exponential cone's boundary
     (no grad): a grid search maximising the cosine between ``v`` and the ray, then safeguarded
     Newton on :func:`_exp_normal_eq` within the bracketing grid cell."""

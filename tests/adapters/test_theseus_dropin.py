@@ -341,3 +341,24 @@ def test_values_equal_theseus_for_every_backward_mode(mode):
     (v_ref, g_ref), (v, g) = out
     assert all(torch.equal(v[k].detach(), v_ref[k].detach()) for k in v_ref)
     assert float((g - g_ref).abs().max()) <= 1e-10 * float(g_ref.abs().max())
+
+
+def test_theseus_converged_never_warns():
+    """Theseus's default tolerances stop one instance of this batch (seed 1, instance with
+    step length 1.2e-6 > 1e-6) where its status says CONVERGED: that is convergence here too
+    (no 'biased' warning, nothing unrolled); its gradient is as close to the tight solution's
+    (vs FD) as Theseus's stopping point allows."""
+    y = data(16, seed=1)
+    layer = FoldedTheseusLayer(make_optimizer(abs_err_tolerance=1e-10, rel_err_tolerance=1e-8,
+                                              max_iterations=20))
+    yy = y.clone().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fp.FoldConvergenceWarning)
+        warnings.filterwarnings("error", message=".*did not converge")
+        values, info = layer({"y": yy, **init(16)})
+    fi = info.fold_info
+    assert float(fi.forward_residual.max()) > 1e-6  # the old fixed threshold would have warned
+    assert bool(fi.forward_converged.all()) and not bool(fi.extra["unrolled"].any())
+    k = int(fi.forward_residual.argmax())
+    (g,) = torch.autograd.grad(loss_of(values["a"], values["b"])[k], yy)
+    assert rel(g[k:k + 1], fd_truth(y[k:k + 1])) <= 1e-4

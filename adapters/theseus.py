@@ -6,7 +6,12 @@ Switching an existing Theseus model is one line::
     layer = FoldedTheseusLayer(optimizer)         # after (also accepts the TheseusLayer itself)
     values, info = layer(input_tensors, optimizer_kwargs)   # same call, same (dict, info)
 
-The forward runs Theseus's own optimizer with no autograd graph. The backward folds one
+The forward is Theseus's own, with the caller's ``backward_mode`` (so the values are
+``th.TheseusLayer``'s bit for bit), run without an autograd graph for ``unroll`` (Theseus's
+default). Afterwards the objective's optimisation variables hold the returned, differentiable
+values, as ``th.TheseusLayer`` leaves them. For every instance whose forward converged
+(module :mod:`._theseus_policy`: Theseus's status, or a fixed point to working precision) the
+backward folds one
 update step ``U`` at the solution, written in the tangent coordinates ``ξ`` of the
 optimisation variables (``x = x* ⊕ ξ`` with each variable's own ``retract``):
 
@@ -30,7 +35,10 @@ implicit-function-theorem gradient ``dξ*/dθ = −H⁻¹ ∂g/∂θ`` with the 
 Gradients reach every tensor the step touches: tensors in ``input_tensors`` (auxiliary
 variables, targets, data, cost-weight variables), cost-weight tensors held by the objective,
 and ``nn.Module`` parameters used inside ``AutoDiffCostFunction`` closures. The initial values
-of the optimisation variables get an exact zero gradient.
+of the optimisation variables get an exact zero gradient where the forward converged. Where it
+did not (a truncated inner loop, ``MAX_ITERATIONS``), the default ``unconverged="unroll"``
+gives those instances Theseus's own backward of what was computed (non-zero for the initial
+values), exactly as ``th.TheseusLayer``; ``"fold"`` and ``"raise"`` are the alternatives.
 
 Conditioning is judged on the factor of ``M`` (no eigen- or singular-value decomposition): the
 reciprocal condition number ``rcond₁ = 1 / (‖M‖₁ ‖M⁻¹‖₁)`` with ``‖M⁻¹‖₁`` estimated from

@@ -38,7 +38,7 @@ CVX = "cvxpylayers (exp cone)"
 
 def _sizes(cfg: Config) -> dict:
     if cfg.mode == "paper":
-        return {"ks": (2, 3), "seeds": 3, "epochs": 30, "cvx_batches": 3, "cvx_epochs": 1}
+        return {"ks": (2, 3), "seeds": 3, "epochs": 30, "cvx_batches": 3, "cvx_epochs": 30}
     return cfg.pick(
         tiny={"ks": (2,), "seeds": 1, "epochs": 1, "cvx_batches": 1, "cvx_epochs": 0},
         quick={"ks": (2, 3), "seeds": 2, "epochs": 5, "cvx_batches": 2, "cvx_epochs": 0},

@@ -121,14 +121,20 @@ def simplex(x: Tensor, radius: float | Tensor = 1.0) -> Tensor:
         raise FoldError(f"simplex: radius must be > 0, got min {float(r.min()):.3g}.")
     with torch.no_grad():
         tau0 = _simplex_tau(x.detach(), r.detach())
-        exact = (x.detach() - tau0).clamp_min(0)
+        exact = _on_support(x.detach(), r.detach(), x.detach() >= tau0)
         delta = kink_band(x, r, tau0)
         weak = (x.detach() - tau0).abs() <= delta
         mask = x.detach() >= tau0 - delta  # the band counts as support (free)
-    mf = mask.to(x.dtype)
-    tau = ((x * mf).sum(-1, keepdim=True) - r) / mf.sum(-1, keepdim=True)
     note_weakly_active(weak)
-    return value_of(torch.where(mask, x - tau, torch.zeros_like(x)), exact)
+    return value_of(_on_support(x, r, mask), exact)
+
+
+def _on_support(x: Tensor, r: Tensor, mask: Tensor) -> Tensor:
+    """``max(x − τ, 0)`` with ``τ = (Σ_S x − r)/|S|`` on the support mask ``S``: exact to
+    rounding on that piece, and differentiable in ``x`` and ``r`` through it."""
+    mf = mask.to(x.dtype)
+    tau = ((x * mf).sum(-1, keepdim=True) - r) / mf.sum(-1, keepdim=True).clamp_min(1)
+    return torch.where(mask, x - tau, torch.zeros_like(x))
 
 
 def _k_subset_tau(x: Tensor, k: Tensor) -> Tensor:
@@ -199,7 +205,10 @@ def k_subset(x: Tensor, k: float | Tensor, *, iters: int | None = None) -> Tenso
                 nf.clamp_min(1)
             tau = torch.where(nf > 0, t_new, tau)
         d = xd - tau
-        exact = d.clamp(0, 1)
+        F0, U0 = (d >= 0) & (d <= 1), d > 1
+        exact = torch.where(F0, xd - ((xd * F0).sum(-1, keepdim=True) + U0.sum(-1, keepdim=True)
+                                      - kd) / F0.sum(-1, keepdim=True).clamp_min(1),
+                            U0.to(x.dtype))
         delta = kink_band(x, kk, tau)
         weak = (d.abs() <= delta) | ((d - 1).abs() <= delta)
         F = (d >= -delta) & (d <= 1 + delta)  # the bands count as free
@@ -246,16 +255,15 @@ def l1_ball(x: Tensor, radius: float | Tensor = 1.0) -> Tensor:
         ad, rd = a.detach(), r.detach()
         s1 = ad.sum(-1, keepdim=True)
         tau0 = _simplex_tau(ad, rd)
-        exact = torch.where(s1 <= rd, x.detach(), torch.sign(x.detach()) * (ad - tau0).clamp_min(0))
+        exact = torch.where(s1 <= rd, x.detach(),
+                            torch.sign(x.detach()) * _on_support(ad, rd, ad >= tau0))
         delta = kink_band(x, rd, tau0)
         band_r = kink_band(s1, rd)
         inside = s1 <= rd + band_r  # on (or within the band of) the sphere: free
         weak_sphere = (s1 - rd).abs() <= band_r
         weak = ((ad - tau0).abs() <= delta) & ~inside
         mask = ad >= tau0 - delta
-    mf = mask.to(x.dtype)
-    tau = ((a * mf).sum(-1, keepdim=True) - r) / mf.sum(-1, keepdim=True).clamp_min(1)
-    proj = torch.sign(x) * torch.where(mask, a - tau, torch.zeros_like(x))
+    proj = torch.sign(x) * _on_support(a, r, mask)
     note_weakly_active(torch.cat([weak, weak_sphere], dim=-1))
     return value_of(torch.where(inside, x, proj), exact)
 

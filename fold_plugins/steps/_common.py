@@ -69,11 +69,12 @@ def note_weakly_active(weak: Tensor) -> None:
 
 
 def value_of(smooth: Tensor, exact: Tensor) -> Tensor:
-    """``exact``'s value with ``smooth``'s derivative: ``smooth + (exact − smooth)`` detached.
+    """``exact``'s value, bit for bit, with ``smooth``'s derivative:
+    ``exact + (smooth − smooth.detach())`` (the bracket is exactly 0 in floating point).
 
-    Used where the "free" convention extends a piece by the weakly active band: the gap is
-    at most the band (``√eps``-relative) and carries no gradient."""
-    return smooth + (exact - smooth).detach()
+    Used where the "free" convention extends a piece by the weakly active band: the two
+    differ by at most the band (``√eps``-relative), and the value must not."""
+    return exact.detach() + (smooth - smooth.detach())
 
 
 def clip_free(v: Tensor, lo: Tensor | None = None, hi: Tensor | None = None) -> Tensor:

@@ -21,7 +21,6 @@ State ``(x (B, n), z (B, m), y (B, m))``; ``y`` is the multiplier of ``l ≤ Ax 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,20 +28,22 @@ from torch import Tensor
 
 from .._errors import FoldError, report_unconverged
 from ._common import ShapeError, bmtv, bmv, check_matrix, check_vector, clip_free
+from ._qp_kkt import (
+    INF,
+    QPInfo,
+    _active_guess,
+    _amax,
+    _check_finite_data,
+    _expand,
+    _polish,
+    qp_kkt_residual,
+)
 
 __all__ = ["admm_qp", "solve_qp_admm", "qp", "QPInfo", "QPInfeasibleError", "INF",
            "qp_kkt_residual"]
 
-INF = 1e20
-
-
 class QPInfeasibleError(FoldError):
     """The forward QP solve found a certificate of primal (or dual) infeasibility."""
-
-
-def _amax(t: Tensor) -> Tensor:
-    """Row-wise ``max |t|`` of a ``(B, k)`` tensor, 0 when ``k = 0``."""
-    return t.abs().amax(dim=1) if t.shape[1] else t.new_zeros(t.shape[0])
 
 
 def _qp_shapes(P: Tensor, q: Tensor, A: Tensor, l: Tensor, u: Tensor, B: int | None,
@@ -169,96 +170,6 @@ def admm_qp(rho: float | Tensor = 0.1, sigma: float = 1e-6, alpha: float = 1.6,
 
 
 # ----------------------------------------------------------------------------- forward solver
-
-@dataclass
-class QPInfo:
-    """Per-instance outcome of :func:`solve_qp_admm`.
-
-    Attributes:
-        status: list of ``"solved"``, ``"primal_infeasible"``, ``"dual_infeasible"``,
-            ``"max_iter"`` per instance.
-        iterations: ``(B,)`` ADMM iterations.
-        primal_residual: ``(B,)`` ``‖Ax − z‖∞``; dual_residual: ``(B,)`` ``‖Px + q + Aᵀy‖∞``.
-        converged: ``(B,)`` bool (status ``"solved"``).
-        polished: ``(B,)`` bool, the returned point came from the active-set KKT solve.
-        rho: ``(B, 1)`` final scalar ρ per instance (pass to :func:`admm_qp`).
-    """
-
-    status: list[str]
-    iterations: Tensor
-    primal_residual: Tensor
-    dual_residual: Tensor
-    converged: Tensor
-    polished: Tensor
-    rho: Tensor
-    extra: dict = field(default_factory=dict)
-
-
-def _expand(t: Tensor, B: int, d: int) -> Tensor:
-    return t.expand(B, *t.shape) if t.dim() == d else t
-
-
-def qp_kkt_residual(P: Tensor, q: Tensor, A: Tensor, l: Tensor, u: Tensor, x: Tensor,
-                    y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(B,)`` ∞-norm residuals of ``x, y``: stationarity ``‖Px+q+Aᵀy‖``, feasibility
-    ``‖Ax − Π_[l,u](Ax)‖`` and complementarity/sign ``‖y − Π_{N(Ax)}‖``-style violation."""
-    Ax = bmv(A, x)
-    stat = (bmv(P, x) + q + bmtv(A, y)).abs().amax(dim=1)
-    feas = (Ax - torch.minimum(torch.maximum(Ax, l), u)).abs().amax(dim=1) if A.shape[-2] else \
-        x.new_zeros(x.shape[0])
-    # y_i > 0 needs Ax_i = u_i, y_i < 0 needs Ax_i = l_i
-    lo_f = torch.where(l > -INF, l, torch.full_like(l, -INF))
-    up_f = torch.where(u < INF, u, torch.full_like(u, INF))
-    comp = torch.maximum(y.clamp_min(0) * (up_f - Ax).clamp_min(0).clamp_max(INF),
-                         (-y).clamp_min(0) * (Ax - lo_f).clamp_min(0).clamp_max(INF))
-    comp = comp.amax(dim=1) if A.shape[-2] else x.new_zeros(x.shape[0])
-    return stat, feas, comp
-
-
-def _active_guess(z: Tensor, y: Tensor, l: Tensor, u: Tensor,
-                  R: Tensor) -> tuple[Tensor, Tensor]:
-    """OSQP's active-set guess from an ADMM iterate: ``(upper, lower)`` bool ``(B, m)``."""
-    upper = (u - z < y / R) & (u < INF)
-    lower = (z - l < -y / R) & (l > -INF) & ~upper
-    return upper, lower
-
-
-def _polish(P: Tensor, q: Tensor, A: Tensor, l: Tensor, u: Tensor, upper: Tensor,
-            lower: Tensor, delta: float = 1e-10, refine: int = 4
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Active-set KKT solve (OSQP's polishing) for batched ``(B, ·)`` data and guessed active
-    sets. Returns ``(x, z, y, ok)``, ``ok`` marking instances whose solution is
-    sign-consistent."""
-    B, n = q.shape
-    act = (upper | lower)
-    bval = torch.where(upper, u, torch.where(lower, l, torch.zeros_like(l)))
-    Pb, Ab = _expand(P, B, 2), _expand(A, B, 2)
-    D = act.to(q.dtype)
-    top = torch.cat([Pb, Ab.transpose(1, 2)], dim=2)
-    bot = torch.cat([D.unsqueeze(-1) * Ab, torch.diag_embed(-(1 - D))], dim=2)
-    M = torch.cat([top, bot], dim=1)
-    reg = torch.cat([torch.full((B, n), delta, dtype=q.dtype, device=q.device), -delta * D], 1)
-    Mr = M + torch.diag_embed(reg)
-    rhs = torch.cat([-_expand(q, B, 1), D * bval], dim=1)
-    LU, piv, info = torch.linalg.lu_factor_ex(Mr)
-    s = torch.linalg.lu_solve(LU, piv, rhs.unsqueeze(-1)).squeeze(-1)
-    for _ in range(refine):
-        r = rhs - (M @ s.unsqueeze(-1)).squeeze(-1)
-        s = s + torch.linalg.lu_solve(LU, piv, r.unsqueeze(-1)).squeeze(-1)
-    xp, yp = s[:, :n], s[:, n:]
-    yp = torch.where(act, yp, torch.zeros_like(yp))
-    ok = (info == 0) & torch.isfinite(s).all(dim=1)
-    tol_sign = 1e-12 * (1 + _amax(yp).unsqueeze(1))
-    ok &= ~((upper & (yp < -tol_sign)) | (lower & (yp > tol_sign))).any(dim=1)
-    zp = torch.minimum(torch.maximum(bmv(A, xp), l), u)
-    return xp, zp, yp, ok
-
-
-def _check_finite_data(P, q, A, where: str) -> None:
-    for name, t in (("P", P), ("q", q), ("A", A)):
-        if not bool(torch.isfinite(t).all()):
-            raise FoldError(f"{where}: {name} contains NaN/Inf (shape {tuple(t.shape)}).")
-
 
 def solve_qp_admm(P: Tensor, q: Tensor, A: Tensor, l: Tensor, u: Tensor, *,
                   rho: float = 0.1, sigma: float = 1e-6, alpha: float = 1.6,

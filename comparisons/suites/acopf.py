@@ -144,11 +144,13 @@ def _plot(runs: dict, cfg: Config):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    for m, r in runs.items():
+    for j, (m, r) in enumerate(runs.items()):
+        style = {"marker": "os^"[j % 3], "markersize": 8 - 2 * j,
+                 "linestyle": ("-", "--", ":")[j % 3]}
         reg = [max(t["regret_pct"], 1e-6) for t in r["test"]]
-        ax[0].plot(range(len(reg)), reg, marker="o", label=m)
-        ax[1].plot(range(len(r["test"])), [t["cost_err_pct"] for t in r["test"]], marker="o",
-                   label=m)
+        ax[0].plot(range(len(reg)), reg, label=m, **style)
+        ax[1].plot(range(len(r["test"])), [t["cost_err_pct"] for t in r["test"]], label=m,
+                   **style)
     ax[0].set(xlabel="epoch", ylabel="test regret (%)", yscale="log",
               title="AC-OPF case57: test regret")
     ax[1].set(xlabel="epoch", ylabel="‖ĉ−c‖₁/‖c‖₁ (%)", title="cost-coefficient error")

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _record
 from ._adjoint import Adjoint, FoldVJP
 from ._errors import FoldConvergenceWarning, FoldError, instance_list
 from ._linearize import Linearization, linearize
@@ -215,7 +216,11 @@ def fold(step: Callable, x_star: State, *params: Any, solver: str | Callable = "
         return (result, info) if return_info else result
     res = lin.residual()
     info.fixed_point_residual = res
-    info.extra.update(_merge_notes(lin.notes))
+    notes = _merge_notes(lin.notes)
+    info.extra.update(notes)
+    if _record.active():  # an enclosing collector (e.g. fp.verify) hears what the step noted
+        for key, value in notes.items():
+            _record.note(key, value)
     excluded = _check_fixed_point(lin, res, fixed_point_tol, strict)
     if excluded is not None:
         info.extra["nonfinite_step"] = excluded

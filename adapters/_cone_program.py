@@ -39,6 +39,63 @@ from fold_plugins import cones as K
 
 __all__ = ["ConeProgram", "admm_step", "factor", "kkt_residual"]
 
+#: A sparse canonical matrix denser than this is applied as a cached dense matrix.
+DENSE_FRACTION = 0.05
+
+
+class _DenseMatvec(torch.autograd.Function):
+    """``D x`` with a cached dense ``D`` (and its contiguous transpose for the VJP ``Dᵀu``)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, D: Tensor, DT: Tensor) -> Tensor:
+        return (D @ x.unsqueeze(-1)).squeeze(-1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[2])
+
+    @staticmethod
+    def backward(ctx, u: Tensor):
+        (DT,) = ctx.saved_tensors
+        return (DT @ u.unsqueeze(-1)).squeeze(-1), None, None
+
+
+class _ValuesGrad(torch.autograd.Function):
+    """Zero in value; carries ``∂(Mx̄)/∂values = u[rows]·x̄[cols]`` for a COO matrix ``M`` at a
+    fixed ``x̄``. Kept apart from :class:`_DenseMatvec` so that VJPs with respect to ``x``
+    (every GMRES iteration) never compute the ``nnz``-sized value gradient."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(values: Tensor, xbar: Tensor, rows: Tensor, cols: Tensor, m: int) -> Tensor:
+        return xbar.new_zeros(*xbar.shape[:-1], m)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, xbar, rows, cols, _ = inputs
+        ctx.save_for_backward(xbar, rows, cols)
+
+    @staticmethod
+    def backward(ctx, u: Tensor):
+        xbar, rows, cols = ctx.saved_tensors
+        return u[..., rows] * xbar[..., cols], None, None, None, None
+
+
+def _coo_matvec(values: Tensor, x: Tensor, rows: Tensor, cols: Tensor, shape: tuple[int, int],
+                dense: tuple[Tensor, Tensor] | None, transpose: bool = False) -> Tensor:
+    """``Mx`` (or ``Mᵀx``) for the COO matrix ``M`` with these ``values``, per instance;
+    ``dense = (M, Mᵀ)`` cached (detached) when ``M`` is dense enough."""
+    r, c = (cols, rows) if transpose else (rows, cols)
+    r, c = r.to(x.device), c.to(x.device)
+    m = shape[1] if transpose else shape[0]
+    if dense is not None:
+        D, DT = (dense[1], dense[0]) if transpose else dense
+        return _DenseMatvec.apply(x, D, DT) + _ValuesGrad.apply(values, x.detach(), r, c, m)
+    return x.new_zeros(x.shape[0], m).index_add(1, r, values * x[:, c])
+
 
 @dataclass
 class ConeProgram:
@@ -106,23 +163,38 @@ class ConeProgram:
                                                       A[:, self.nnz_G:])
         return P, q[:, :self.n], Gv, h
 
-    def G(self, Gv: Tensor, x: Tensor) -> Tensor:
-        """``Gx`` for every instance (``Gv (B, nnz)``, ``x (B, n)``)."""
-        r, c = self.G_rows.to(x.device), self.G_cols.to(x.device)
-        return x.new_zeros(x.shape[0], self.m).index_add(1, r, Gv * x[:, c])
+    def G(self, Gv: Tensor, x: Tensor, dense: Any = None) -> Tensor:
+        """``Gx`` for every instance (``Gv (B, nnz)``, ``x (B, n)``; ``dense``: cached G)."""
+        return _coo_matvec(Gv, x, self.G_rows, self.G_cols, (self.m, self.n), dense)
 
-    def GT(self, Gv: Tensor, y: Tensor) -> Tensor:
+    def GT(self, Gv: Tensor, y: Tensor, dense: Any = None) -> Tensor:
         """``Gᵀy`` for every instance."""
-        r, c = self.G_rows.to(y.device), self.G_cols.to(y.device)
-        return y.new_zeros(y.shape[0], self.n).index_add(1, c, Gv * y[:, r])
+        return _coo_matvec(Gv, y, self.G_rows, self.G_cols, (self.m, self.n), dense, True)
 
-    def P(self, Pv: Tensor | None, x: Tensor) -> Tensor:
+    def P(self, Pv: Tensor | None, x: Tensor, dense: Any = None) -> Tensor:
         """``½(P + Pᵀ)x`` (the gradient of ½xᵀPx for the stored entries, symmetric or not)."""
         if Pv is None:
             return torch.zeros_like(x)
-        r, c = self.P_rows.to(x.device), self.P_cols.to(x.device)
-        z = x.new_zeros(x.shape[0], self.n)
-        return 0.5 * (z.index_add(1, r, Pv * x[:, c]) + z.index_add(1, c, Pv * x[:, r]))
+        sh = (self.n, self.n)
+        return 0.5 * (_coo_matvec(Pv, x, self.P_rows, self.P_cols, sh, dense)
+                      + _coo_matvec(Pv, x, self.P_rows, self.P_cols, sh, dense, True))
+
+    def dense_caches(self, Pv: Tensor | None, Gv: Tensor) -> tuple[Any, Any]:
+        """Detached dense ``(P, Pᵀ)`` and ``(G, Gᵀ)`` (contiguous) where they are denser than
+        :data:`DENSE_FRACTION` (else ``None``: applied by scatter)."""
+        with torch.no_grad():
+            Pd = Gd = None
+            if Pv is not None and self.nnz_P > DENSE_FRACTION * self.n * self.n:
+                B = Pv.shape[0]
+                Pd = Pv.new_zeros(B, self.n, self.n)
+                b = torch.arange(B, device=Pv.device)[:, None]
+                Pd.index_put_((b, self.P_rows.to(Pv.device)[None],
+                               self.P_cols.to(Pv.device)[None]), Pv, accumulate=True)
+                Pd = (Pd, Pd.transpose(1, 2).contiguous())
+            if self.nnz_G > DENSE_FRACTION * self.m * self.n:
+                G = self.dense_G(Gv.detach())
+                Gd = (G, G.transpose(1, 2).contiguous())
+            return Pd, Gd
 
     def dense_P(self, Pv: Tensor | None, B: int, like: Tensor) -> Tensor:
         """Symmetrised dense ``(B, n, n)`` P (zeros for an LP)."""
@@ -156,8 +228,13 @@ def factor(prog: ConeProgram, Pv: Tensor | None, Gv: Tensor, R: Tensor, sigma: f
     """Cholesky factor of ``M = P + σI + GᵀRG`` (no grad), ``(B, n, n)``."""
     with torch.no_grad():
         B = Gv.shape[0]
-        Gd = prog.dense_G(Gv)
-        M = prog.dense_P(Pv, B, Gv) + Gd.transpose(1, 2) @ (R[:, :, None] * Gd)
+        M = prog.dense_P(Pv, B, Gv)
+        idx = torch.stack([prog.G_rows, prog.G_cols]).to(Gv.device)
+        for b in range(B):  # GᵀRG from the sparse G: never a dense (B, m, n) G
+            Gs = torch.sparse_coo_tensor(idx, Gv[b], (prog.m, prog.n))
+            RGs = torch.sparse_coo_tensor(idx, Gv[b] * R[b, prog.G_rows.to(Gv.device)],
+                                          (prog.m, prog.n))
+            M[b] += torch.sparse.mm(Gs.t().coalesce(), RGs.coalesce()).to_dense()
         M.diagonal(dim1=1, dim2=2).add_(sigma)
         L, info = torch.linalg.cholesky_ex(M)
         if bool((info != 0).any()):
@@ -168,16 +245,19 @@ def factor(prog: ConeProgram, Pv: Tensor | None, Gv: Tensor, R: Tensor, sigma: f
         return L
 
 
-def admm_step(prog: ConeProgram, L: Tensor, R: Tensor):
-    """The update (2) as ``step((x, s, y), P, q, A) -> (x, s, y)`` on cvxpylayers' values."""
+def admm_step(prog: ConeProgram, L: Tensor, R: Tensor,
+              dense: tuple[Any, Any] = (None, None)):
+    """The update (2) as ``step((x, s, y), P, q, A) -> (x, s, y)`` on cvxpylayers' values
+    (``dense``: detached dense P and G of these values, see :meth:`ConeProgram.dense_caches`)."""
+    Pd, Gd = dense
 
     def step(state: tuple[Tensor, Tensor, Tensor], P: Tensor | None, q: Tensor, A: Tensor
              ) -> tuple[Tensor, Tensor, Tensor]:
         x, s, y = state
         Pv, c, Gv, h = prog.split(P, q, A)
-        rx = prog.P(Pv, x) + c - prog.GT(Gv, y + R * (s - prog.G(Gv, x) - h))
+        rx = prog.P(Pv, x, Pd) + c - prog.GT(Gv, y + R * (s - prog.G(Gv, x, Gd) - h), Gd)
         x1 = x - torch.cholesky_solve(rx.unsqueeze(-1), L).squeeze(-1)
-        Gx1h = prog.G(Gv, x1) + h
+        Gx1h = prog.G(Gv, x1, Gd) + h
         s1 = K.product(Gx1h - y / R, prog.dims)
         y1 = y + R * (s1 - Gx1h)
         return x1, s1, y1

@@ -23,6 +23,8 @@ _FORWARDS = ("clarabel", "torch")
 #: Largest folded state ``n + 2m`` whose forward solution is polished by dense semismooth
 #: Newton (an ``N × N`` Jacobian per instance).
 POLISH_MAX_STATE = 400
+#: Above it, at most this many plain iterations of the step refine the forward's solution.
+POLISH_ITERS = 200
 
 
 class FoldedSolver(SolverInterface):
@@ -115,7 +117,7 @@ class FoldedSolver(SolverInterface):
         else:
             x, s, y, its, ok = solve_torch_qp(prog, P, q, A, opts, strict=self._m.strict)
             remedy = "raise maxiter in forward_options, or use forward='clarabel'"
-        x, s, y, R, L = self._polish(prog, P, q, A, x, s, y)
+        x, s, y, R, L, dense = self._polish(prog, P, q, A, x, s, y)
         res = kkt_residual(prog, P, q, A, x, s, y)
         # an "AlmostSolved" (or stopped) instance that polishing brought to KKT accuracy is solved
         ok = ok | (res <= (1e-9 if q.dtype == torch.float64 else 1e-5))
@@ -123,7 +125,7 @@ class FoldedSolver(SolverInterface):
                            forward_converged=ok)
         self._m.last_info = info
         self._m._report_forward(ok, res, f"FoldedSolver ({self.forward})", remedy)
-        return x, y, (prog, P, q, A, x, s, y, info, R, L)
+        return x, y, (prog, P, q, A, x, s, y, info, R, L, dense)
 
     def _polish(self, prog: ConeProgram, P: Tensor | None, q: Tensor, A: Tensor, x: Tensor,
                 s: Tensor, y: Tensor) -> tuple[Tensor, ...]:
@@ -141,9 +143,13 @@ class FoldedSolver(SolverInterface):
         R = prog.rho_vector(self._rho(prog, P, q, A))
         L = factor(prog, Pv, Gv, R, self.sigma)
         N = prog.n + 2 * prog.m
+        dense = prog.dense_caches(Pv, Gv)
+        step = admm_step(prog, L, R, dense)
         if N > POLISH_MAX_STATE:
-            return x, s, y, R, L
-        step = admm_step(prog, L, R)
+            d = prog.dims
+            if d.soc or d.psd or d.exp:  # LP/QP: the interior-point answer is accurate already
+                x, s, y = self._polish_iterate(step, (x, s, y), P, q, A)
+            return x, s, y, R, L, dense
         w = torch.cat([x, s, y], dim=1)
         B = w.shape[0]
         eye = torch.eye(N, dtype=w.dtype, device=w.device)
@@ -170,7 +176,23 @@ class FoldedSolver(SolverInterface):
                 ok = (bad == 0) & torch.isfinite(dw).all(1) & active
                 w = torch.where(ok[:, None], w + dw, w)
         x, s, y = w[:, :prog.n], w[:, prog.n:prog.n + prog.m], w[:, prog.n + prog.m:]
-        return x, s, y, R, L
+        return x, s, y, R, L, dense
+
+    @staticmethod
+    def _polish_iterate(step: Callable, w: tuple[Tensor, Tensor, Tensor], P: Tensor | None,
+                        q: Tensor, A: Tensor, iters: int = POLISH_ITERS
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+        """Large states: up to ``iters`` plain iterations of (2) from the forward's solution
+        (no grad), stopped once ``‖U(w) − w‖∞ ≤ 1e-14(1 + ‖w‖∞)`` for every instance."""
+        with torch.no_grad():
+            for k in range(iters):
+                w1 = step(w, P, q, A)
+                if k % 10 == 0:
+                    r = max(float((a - b).abs().amax()) for a, b in zip(w1, w))
+                    if r <= 1e-14 * (1 + max(float(t.abs().amax()) for t in w)):
+                        return w1
+                w = w1
+        return w
 
     def _rho(self, prog: ConeProgram, P: Tensor | None, q: Tensor, A: Tensor) -> Tensor:
         B = q.shape[0]
@@ -189,11 +211,11 @@ class FoldedSolver(SolverInterface):
     def derivative_torch_batch(self, dprimal: Tensor, ddual: Tensor, saved_state: Any
                                ) -> tuple[Tensor | None, Tensor, Tensor]:
         """Backward: fold the ADMM step (2) at ``(x, s, y)`` and return ``(dP, dq, dA)``."""
-        prog, P, q, A, x, s, y, info, R, L = saved_state
+        prog, P, q, A, x, s, y, info, R, L, dense = saved_state
         leaves = [None if P is None else P.detach().requires_grad_(True),
                   q.detach().requires_grad_(True), A.detach().requires_grad_(True)]
         Pl, ql, Al = leaves
-        step = admm_step(prog, L, R)
+        step = admm_step(prog, L, R, dense)
         with torch.enable_grad():
             xf, _, yf = self._m._fold(step, (x, s, y), Pl, ql, Al, info=info)
             wrt = [t for t in leaves if t is not None]

@@ -8,6 +8,6 @@ from __future__ import annotations
 
 SUITES: tuple[str, ...] = ("gradient_agreement", "unroll_convergence", "scaling", "theseus",
                            "portfolio", "tv_denoising", "nonconvex", "acopf",
-                           "multilabel")
+                           "multilabel", "cvxpylayers")
 
 __all__ = ["SUITES"]

@@ -79,7 +79,8 @@ class CostMLP(nn.Module):
         return self.scale * nn.functional.softplus(self.body(x))
 
 
-def _tensors(setup: Setup, i: int, *arrays: np.ndarray) -> tuple[Tensor, ...]:
+def _tensors(*arrays: np.ndarray) -> tuple[Tensor, ...]:
+    """Each array as a (1, k) float64 tensor."""
     return tuple(torch.as_tensor(a).unsqueeze(0) for a in arrays)
 
 
@@ -98,10 +99,10 @@ def decision(setup: Setup, c_hat: Tensor, i: int, backward: str | None) -> Tenso
     sol = setup.ipopt.solve(c_hat.detach().numpy().ravel(), d.pd[i], d.qd[i], y0=d.y[i])
     if not sol.success:
         raise RuntimeError(f"Ipopt failed on instance {i} with predicted costs: {sol.status}")
-    y, lam, nu = _tensors(setup, i, sol.y, sol.lam, sol.nu)
+    y, lam, nu = _tensors(sol.y, sol.lam, sol.nu)
     if backward is None or not c_hat.requires_grad:
         return y
-    pd, qd = _tensors(setup, i, d.pd[i], d.qd[i])
+    pd, qd = _tensors(d.pd[i], d.qd[i])
     (y, lam, nu), A, res = identify_and_polish(setup.fns, y, lam, nu, c_hat.detach(), pd, qd)
     if float(res.max()) > 1e-9:
         raise RuntimeError(f"instance {i}: KKT residual {float(res.max()):.1e} after polishing "
@@ -122,7 +123,7 @@ def evaluate(setup: Setup, model: nn.Module, idx: np.ndarray) -> dict[str, float
         for i in idx:
             c_hat = model(setup.x(i))
             y = decision(setup, c_hat, i, None)
-            pd, qd = _tensors(setup, i, d.pd[i], d.qd[i])
+            pd, qd = _tensors(d.pd[i], d.qd[i])
             reg.append(100 * (float(true_cost(setup, y, i)) - d.obj[i]) / d.obj[i])
             eq.append(float(setup.fns.h(y, pd, qd).abs().max()))
             ineq.append(float(setup.fns.g(y).clamp_min(0).max()))
@@ -149,7 +150,7 @@ def train(setup: Setup, method: str, epochs: int, lr: float, seed: int,
     out: dict = {"test": [evaluate(setup, model, setup.test)], "epoch_s": [],
                  "train_regret_pct": [], "backward_unconverged": 0, "skipped": 0}
     order = np.random.default_rng(seed).permutation
-    for ep in progress(range(epochs), method):
+    for _ in progress(range(epochs), method):
         t0, regs = time.perf_counter(), []
         for i in setup.train[order(len(setup.train))]:
             c_hat = model(setup.x(i))
@@ -181,7 +182,6 @@ def train(setup: Setup, method: str, epochs: int, lr: float, seed: int,
         out["epoch_s"].append(time.perf_counter() - t0)
         out["train_regret_pct"].append(float(np.mean(regs)) if regs else float("nan"))
         out["test"].append(evaluate(setup, model, setup.test))
-        del ep
     return out
 
 
@@ -192,13 +192,13 @@ def grad_check(setup: Setup, i: int, c: Tensor, seed: int = 0,
     and the truncated backward; relative errors (absolute values kept: where the map is locally
     constant the derivative is ~0 and only the absolute numbers mean anything)."""
     d, fns = setup.data, setup.fns
-    pd, qd = _tensors(setup, i, d.pd[i], d.qd[i])
+    pd, qd = _tensors(d.pd[i], d.qd[i])
     gen = torch.Generator().manual_seed(seed)
     u = torch.randn(1, c.shape[1], generator=gen, dtype=torch.float64) * c
 
     def value(cc: Tensor) -> float:
         s = setup.ipopt.solve(cc.numpy().ravel(), d.pd[i], d.qd[i], y0=d.y[i])
-        y, lam, nu = _tensors(setup, i, s.y, s.lam, s.nu)
+        y, lam, nu = _tensors(s.y, s.lam, s.nu)
         (y, lam, nu), _, _ = identify_and_polish(fns, y, lam, nu, cc, pd, qd)
         return float(true_cost(setup, y, i))
 

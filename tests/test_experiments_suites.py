@@ -64,7 +64,11 @@ def test_tv_tiny_consistent(tmp_path):
     if "cvxpylayers" in d["subset"]:
         f, c = d["subset"]["folded FDPG"][0]["metric"], d["subset"]["cvxpylayers"][0]["metric"]
         assert abs(f[0] - c[0]) < 1e-9 * f[0]
-        assert abs(f[-1] - c[-1]) < 0.01 * c[-1]  # same gradients: the same training path
+        assert abs(f[-1] - c[-1]) < 0.1 * c[-1]  # close gradients: close training paths
+    ck = d["grad_check"]
+    assert ck["folded FDPG"] < 1e-5  # the folded gradient vs central differences
+    if "cvxpylayers" in ck:
+        assert ck["cvxpylayers"] < 0.1  # its default solver tolerances: a few % here
 
 
 def test_nonconvex_tiny_consistent(tmp_path):

@@ -188,7 +188,8 @@ def _measure(method: str, kind: str, n: int, B: int, cfg: Config, truth_grad: Te
         sw.lap("backward")
         grads.append(gr)
 
-    timing = time_phases(once, torch.device("cpu"), cfg.repeats, warmup=cfg.warmup,
+    repeats = cfg.pick(tiny=cfg.repeats, quick=min(cfg.repeats, 2), full=cfg.repeats)
+    timing = time_phases(once, torch.device("cpu"), repeats, warmup=cfg.warmup,
                          budget_s=cfg.pick(tiny=5.0, quick=20.0, full=60.0))
     err = float(((grads[-1] - truth_grad).norm(dim=1)
                  / truth_grad.norm(dim=1).clamp(min=1e-300)).max())
@@ -206,8 +207,8 @@ def _grid(cfg: Config) -> list[tuple[str, int, int]]:
     if cfg.mode == "tiny":
         return [("QP", 20, 2), ("SOCP", 10, 2)]
     if cfg.mode == "quick":
-        return ([("QP", 200, 16), ("SOCP", 200, 16), ("QP", 200, 64)]
-                + [(k, 50, 16) for k in ("LP", "exp")])
+        return [("QP", 200, 16), ("SOCP", 200, 16), ("QP", 200, 64), ("LP", 50, 16),
+                ("exp", 20, 16)]
     return [(k, n, B) for k in KINDS for n in (50, 200, 500) for B in (1, 16, 64)]
 
 

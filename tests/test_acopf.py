@@ -124,5 +124,14 @@ def test_folded_sqp_gradient_matches_finite_differences(net: Network, ipopt: Ipo
                 ys, _, _ = fp.fold(step, (y, lam, nu), cc, pd, qd, solver=solver, tol=1e-12)
                 (g,) = torch.autograd.grad((w * ys).sum(), cc)
             grads[name] = float((g * u).sum())
+        # the library's own SQP step on the active set (full step, exact Hessian)
+        lib = fp.steps.sqp(lambda yy, cc, p_, q_: fns.f(yy, cc), lambda yy, cc, p_, q_: fns.g(yy),
+                           lambda yy, cc, p_, q_: fns.h(yy, p_, q_), hessian="exact",
+                           subproblem="active_set")
+        cc = c.clone().requires_grad_(True)
+        ys, _, _ = fp.fold(lib, (y, lam, nu), cc, pd, qd, tol=1e-12)
+        (g,) = torch.autograd.grad((w * ys).sum(), cc)
+        grads["library sqp"] = float((g * u).sum())
         assert abs(grads["folded"] - fd) <= 1e-5 * abs(fd)
+        assert abs(grads["library sqp"] - fd) <= 1e-5 * abs(fd)
         assert abs(grads["truncated"] - fd) > 0.5 * abs(fd)   # the one-iteration truncation

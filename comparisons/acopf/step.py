@@ -13,9 +13,11 @@ step; every KKT point (with that active set) is a fixed point. With ``α = 1, re
 Newton's method on the KKT system (``Φ = ∂U/∂z = 0``); the authors' configuration is
 ``α = 0.01, reg = 1`` (then ``Φ ≠ 0`` and a truncated backward is biased).
 
-``fp.steps.sqp`` is the library's general SQP step; it solves the QP subproblem by ADMM to
-1e-13 and folds it inside the step, which for this 208-variable, 654-row QP costs thousands of
-ADMM iterations per step evaluation; the active-set KKT solve here is exact at the fixed point.
+``fp.steps.sqp(f, g, h, subproblem="active_set")`` is the library's version of the full step
+(α = 1, its own Hessian handling, Jacobians differentiated inside the step); this module keeps
+its own so that the authors' damped configuration (α = 0.01, ``H + I``) can be reproduced and
+compared with their one-iteration truncation. ``tests/test_acopf.py`` checks that both give the
+finite-difference gradient.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Private to :mod:`fold_plugins.adapters.theseus` (its module docstring has the mathematics):
 :class:`TangentGeometry` (the variables' layout and retraction ``x* ⊕ ξ``), :class:`TangentStep`
 (``U(ξ) = ξ − M⁻¹ g(x* ⊕ ξ)``), :class:`FlooredSolver` (the backward tolerance floor) and
-:func:`rcond_estimate` (the factor-based condition estimate).
+:func:`fold_plugins._conditioning.rcond_from_factor` (the core's factor-based condition estimate).
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import torch
 from torch import Tensor
 
 import fold_plugins as fp
+from fold_plugins._conditioning import rcond_from_factor
 from fold_plugins._errors import instance_list
 from fold_plugins.solvers import get_solver
 
-__all__ = ["TangentGeometry", "TangentStep", "FlooredSolver", "rcond_estimate", "import_theseus"]
+__all__ = ["TangentGeometry", "TangentStep", "FlooredSolver", "import_theseus"]
 
 
 def import_theseus() -> Any:
@@ -267,7 +268,7 @@ class TangentStep:
         else:
             F, status = torch.linalg.cholesky_ex(M)
             piv, how = None, "cholesky"
-        rcond = rcond_estimate(M, how, F, piv)
+        rcond = rcond_from_factor(M, how, F, piv)
         eps = torch.finfo(M.dtype).eps
         ok = (status == 0) & torch.isfinite(rcond) & (rcond > eps)
         rcond = torch.where(status == 0, rcond, torch.zeros_like(rcond))
@@ -410,36 +411,3 @@ class FlooredSolver:
 def _fmt_list(t: Tensor, limit: int = 5) -> str:
     vals = [f"{v:.1e}" for v in t.detach().reshape(-1)[:limit].tolist()]
     return "[" + ", ".join(vals) + (" …]" if t.numel() > limit else "]")
-
-
-def rcond_estimate(M: Tensor, how: str, F: Tensor, piv: Tensor | None) -> Tensor:
-    """``(B,)`` estimate of ``1 / (‖M‖₁ ‖M⁻¹‖₁)`` from the factor of ``M``: O(n²) per instance.
-
-    ``‖M⁻¹‖₁`` by Hager's estimator (``y = M⁻¹x`` with ``x = 1/n``, ``z = M⁻ᵀ sign(y)``, then
-    ``M⁻¹e_j`` with ``j = argmax |z_j|``) plus Higham's vector ``x_i ∝ (−1)ⁱ(1 + i/(n−1))`` —
-    three calls of the factor's solve. Each probe ``‖M⁻¹x‖₁/‖x‖₁`` is a lower bound, so the
-    estimate never exceeds ``‖M⁻¹‖₁`` (``rcond`` is never too pessimistic, up to round-off in
-    the solves); it is usually within a factor 3. NaN where the factor is not usable.
-    """
-    B, n, _ = M.shape
-
-    def solve(X: Tensor, adjoint: bool = False) -> Tensor:  # X: (B, n, k)
-        if how == "cholesky":  # M⁻¹ = L⁻ᵀL⁻¹ (two triangular solves beat cholesky_solve)
-            return torch.linalg.solve_triangular(
-                F.mT, torch.linalg.solve_triangular(F, X, upper=False), upper=True)
-        return torch.linalg.lu_solve(F, piv, X, adjoint=adjoint)
-
-    # first probe x = 1/n and Higham's vector (scaled to ‖x‖₁ = 1) share one solve
-    i = torch.arange(n, dtype=M.dtype, device=M.device)
-    alt = (1 - 2 * (i % 2)) * (1 + i / max(n - 1, 1))
-    X = torch.stack([M.new_full((n,), 1.0 / n), alt / alt.abs().sum()], dim=1)
-    Y = solve(X.expand(B, n, 2).contiguous())
-    y = Y[..., 0]
-    est = Y.abs().sum(dim=1).amax(dim=1)
-    if n > 1:
-        z = solve(torch.where(y >= 0, 1.0, -1.0).to(M.dtype).unsqueeze(2), adjoint=True)
-        e = torch.zeros_like(y).scatter_(1, z.squeeze(2).abs().argmax(dim=1, keepdim=True), 1.0)
-        est = torch.maximum(est, solve(e.unsqueeze(2)).abs().sum(dim=(1, 2)))
-    norm1 = M.abs().sum(dim=-2).amax(dim=-1)
-    denom = norm1 * est
-    return torch.where(denom > 0, 1 / denom, torch.full_like(denom, math.nan))

@@ -91,6 +91,10 @@ class StepRecorder(TorchFunctionMode):
                     "folded backward differentiates the step at x_star and needs its inputs "
                     "unchanged. Write the step out of place (e.g. x.clamp(0, 1) instead of "
                     "x.clamp_(0, 1), torch.where instead of item assignment), or clone first.")
+        out = func(*args, **kwargs)
+        made = _tensors(out, [])
+        if not made:  # metadata reads (.shape, .dim(), .item()) create no dependency
+            return out
         for t in flat:
             if is_functorch_tensor(t):  # made by a transform the step itself runs
                 continue
@@ -98,8 +102,7 @@ class StepRecorder(TorchFunctionMode):
             if (t.requires_grad and key not in self._made and key not in self._state
                     and key not in self.captured):
                 self.captured[key] = t
-        out = func(*args, **kwargs)
-        for t in _tensors(out, []):
+        for t in made:
             self._made.add(id(t))
         return out
 

@@ -701,7 +701,7 @@ def test_float32_well_posed_pose_graph(prior_scale):
 
 def test_rcond_estimate_against_exact():
     """The factor-based estimate of 1/(‖M‖₁‖M⁻¹‖₁) against torch.linalg.cond(M, 1)."""
-    from fold_plugins.adapters._theseus_step import rcond_estimate as _rcond_estimate
+    from fold_plugins._conditioning import rcond_from_factor as _rcond_estimate
 
     g = torch.Generator().manual_seed(0)
     n = 12

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 import fold_plugins as fp
 
+from ..experiments.training import mlp as shared_mlp
 from .case import parse_matpower, pglib_path
 from .instances import ACOPFData, generate
 from .ipopt import IpoptACOPF
@@ -63,16 +64,14 @@ def build(n: int, n_train: int, seed: int = 0, tol: float = 1e-8) -> Setup:
 
 
 class CostMLP(nn.Module):
-    """2→32→32→32→32→21, ReLU hidden layers; output ``scale ⊙ softplus(·)`` (positive costs;
-    the authors' output ReLU can return all-zero costs, for which the dispatch is not unique)."""
+    """2→32→32→32→32→21, ReLU hidden layers, weights from ``seed``; output
+    ``scale ⊙ softplus(·)`` (positive costs; the authors' output ReLU can return all-zero costs,
+    for which the dispatch is not unique)."""
 
-    def __init__(self, scale: Tensor) -> None:
+    def __init__(self, scale: Tensor, seed: int) -> None:
         super().__init__()
-        dims = [2, 32, 32, 32, 32, 21]
-        layers: list[nn.Module] = []
-        for a, b in zip(dims[:-1], dims[1:]):
-            layers += [nn.Linear(a, b), nn.ReLU()]
-        self.body = nn.Sequential(*layers[:-1]).double()
+        self.body = shared_mlp([2, 32, 32, 32, 32, 21], False, seed, torch.float64,
+                               torch.device("cpu"))
         self.register_buffer("scale", scale)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -144,8 +143,7 @@ def train(setup: Setup, method: str, epochs: int, lr: float, seed: int,
         GMRES did not reach its tolerance).
     """
     backward = METHODS[method]
-    torch.manual_seed(seed)
-    model = CostMLP(setup.scale)
+    model = CostMLP(setup.scale, seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     out: dict = {"test": [evaluate(setup, model, setup.test)], "epoch_s": [],
                  "train_regret_pct": [], "backward_unconverged": 0, "skipped": 0}

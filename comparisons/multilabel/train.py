@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ..experiments.training import mlp as shared_mlp
 from .data import Digits
 from .layers import LML, EntropicKSubset, cvxpylayers_layer, folded_layer
 
@@ -28,8 +29,7 @@ EPS = 1e-12
 
 def mlp(seed: int) -> nn.Module:
     """64 → 128 → 10, ReLU, float64; weights from ``seed``."""
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)).double()
+    return shared_mlp([64, 128, 10], False, seed, torch.float64, torch.device("cpu"))
 
 
 def make_loss(method: str, k: int) -> Callable[[Tensor, Tensor], Tensor]:

@@ -62,9 +62,8 @@ def run(cfg: Config) -> SuiteResult:
             res.errors.append(f"training with {method} failed: {type(e).__name__}: {e}")
     checks: dict[str, dict] = {}
     i0 = int(setup.train[0])
-    torch.manual_seed(cfg.seed)
     with torch.no_grad():
-        c_init = CostMLP(setup.scale)(setup.x(i0))
+        c_init = CostMLP(setup.scale, cfg.seed)(setup.x(i0))
     c_smooth = setup.c(i0).clone()
     c_smooth[0, :setup.net.ngen] = 1e-2 * (setup.c(i0)[0, setup.net.ngen:2 * setup.net.ngen] > 0)
     for name, c in (("untrained model's ĉ", c_init), ("true c₁ with ĉ₂ = 0.01", c_smooth)):

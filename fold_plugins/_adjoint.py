@@ -60,6 +60,11 @@ class _Masked:
     def count(self) -> int:
         return self.op.count
 
+    @property
+    def cost_key(self) -> Any:
+        """The step's identity, for ``solver="auto"``'s cost cache."""
+        return getattr(self.op, "cost_key", None)
+
     def __call__(self, v: Tensor) -> Tensor:
         out = self.op(v)
         if self.excluded is None:

@@ -25,8 +25,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["krylov_rcond", "not_isolated_threshold", "operator_noise", "rcond_from_factor",
-           "roundoff_floor"]
+__all__ = ["krylov_rcond", "noise_and_gain", "not_isolated_threshold", "operator_noise",
+           "rcond_from_factor", "roundoff_floor"]
 
 
 def not_isolated_threshold(dtype: torch.dtype, n: int) -> float:
@@ -61,12 +61,23 @@ def operator_noise(matvec: Callable[[Tensor], Tensor], x: Tensor, seed: int = 0)
     Cholesky solve of an ill-conditioned matrix …), which no dtype constant knows. Three
     applications of ``A``.
     """
+    return noise_and_gain(matvec, x, seed)[0]
+
+
+def noise_and_gain(matvec: Callable[[Tensor], Tensor], x: Tensor, seed: int = 0
+                   ) -> tuple[Tensor, Tensor]:
+    """:func:`operator_noise` and, from the same three applications, ``‖A w‖ / ‖w‖`` for the
+    random ``w``: a lower bound of ``‖A‖`` for a caller that never applied ``A`` to a
+    plain vector (a right-preconditioned solver applies it to ``M⁻¹v`` only)."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
     w = torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
     xn = x.norm(dim=1, keepdim=True)
     w = w * torch.where(xn > 0, xn, torch.ones_like(xn)) / w.norm(dim=1, keepdim=True)
-    defect = matvec(x + w) - matvec(x) - matvec(w)
-    return defect.norm(dim=1) / math.sqrt(3.0)
+    aw = matvec(w)
+    defect = matvec(x + w) - matvec(x) - aw
+    wn = w.norm(dim=1)
+    return defect.norm(dim=1) / math.sqrt(3.0), aw.norm(dim=1) / torch.where(
+        wn > 0, wn, torch.ones_like(wn))
 
 
 def rcond_from_factor(M: Tensor, how: str, F: Tensor, piv: Tensor | None) -> Tensor:

@@ -8,11 +8,21 @@ import math
 import torch
 from torch import Tensor
 
-from ._solver_base import MatVec, SolveInfo, _bdot, _check_b, _effective_tol, _residual, _verdict
+from ._solver_base import (
+    MatVec,
+    SolveInfo,
+    _bdot,
+    _check_b,
+    _check_preconditioner,
+    _effective_tol,
+    _residual,
+    _verdict,
+)
 
 
 def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e-10,
-          maxiter: int | None = None, restart: int | None = None) -> tuple[Tensor, SolveInfo]:
+          maxiter: int | None = None, restart: int | None = None,
+          preconditioner: MatVec | None = None) -> tuple[Tensor, SolveInfo]:
     """Restarted GMRES, batched: one Krylov basis per instance.
 
     Minimises ``‖b − A x‖`` over the Krylov space, tracking each instance's residual with
@@ -31,8 +41,13 @@ def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
             capped at 5000).
         restart: Krylov dimension per cycle (default ``min(n, 60)``); memory is
             ``restart · B · n`` elements.
+        preconditioner: ``M⁻¹ ≈ A⁻¹``, a callable ``(B, n) -> (B, n)``, applied on the right
+            (GMRES on ``A M⁻¹``, ``x = M⁻¹ u``): the residual minimised, tracked and judged is
+            the true ``b − A x``, so ``tol`` means the same with or without it. One
+            application per iteration (and per restart's update).
     """
     _check_b(b, "gmres")
+    pc = _check_preconditioner(preconditioner, b, "gmres")
     B, n = b.shape
     tol = _effective_tol(tol, b.dtype)
     maxiter = int(maxiter) if maxiter is not None else min(max(2 * n, 100), 5000)
@@ -40,6 +55,7 @@ def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
     m = max(1, min(m, n, maxiter))
     dev, dt = b.device, b.dtype
     eps100 = 100 * torch.finfo(dt).eps
+    inf_b = torch.full((B, 1), math.inf, dtype=dt, device=dev)
     bnorm = b.norm(dim=1)
     denom = torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
     x = torch.zeros_like(b) if x0 is None else x0.clone()
@@ -90,36 +106,45 @@ def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
         for j in range(m):
             if total >= maxiter:
                 break
-            w = matvec(V[:, j])
+            vj = V[:, j]
+            if pc is None:
+                w = matvec(vj)
+                w0 = w.norm(dim=1)
+                anorm = torch.maximum(anorm, w0)  # ‖A‖ ≥ ‖A v‖, ‖v‖ = 1
+            else:
+                zj = pc(vj)
+                w = matvec(zj)
+                w0 = w.norm(dim=1)
+                zn = zj.norm(dim=1)
+                anorm = torch.maximum(anorm, w0 / torch.where(zn > 0, zn, torch.ones_like(zn)))
             n_mv += 1
             total += 1
             k = j + 1
-            w0 = w.norm(dim=1)
-            anorm = torch.maximum(anorm, w0)
             # CGS2: A = I − Φᵀ maps v to nearly v, so one pass cancels heavily; the second
-            # pass saves Krylov iterations (each a VJP) on non-normal Φ
+            # pass saves Krylov iterations (each a VJP) on non-normal Φ. Rows kept (B, 1, n)
+            # so each pass is one bmm and one fused baddbmm
             Vj = V[:, :k]
-            h = torch.bmm(Vj, w.unsqueeze(2))
-            w = w - torch.bmm(h.transpose(1, 2), Vj).squeeze(1)
-            h2 = torch.bmm(Vj, w.unsqueeze(2))
-            w = w - torch.bmm(h2.transpose(1, 2), Vj).squeeze(1)
-            hn = w.norm(dim=1)
+            w = w.unsqueeze(1)
+            h = torch.bmm(Vj, w.mT)
+            w = torch.baddbmm(w, h.mT, Vj, alpha=-1)
+            h2 = torch.bmm(Vj, w.mT)
+            w = torch.baddbmm(w, h2.mT, Vj, alpha=-1)
+            hn = w.norm(dim=2)  # (B, 1)
             # happy breakdown (an invariant subspace): a new direction that is round-off only
             # is dropped, never normalised into a non-orthogonal basis vector
-            keep = hn > eps100 * w0
-            inv = torch.where(keep, hn.reciprocal(), torch.zeros_like(hn))
-            V[:, k] = w * inv.unsqueeze(1)
-            col = torch.cat([(h + h2).squeeze(2), (hn * keep).unsqueeze(1)], dim=1)
-            col = torch.bmm(Q[:, : k + 1, : k + 1], col.unsqueeze(2)).squeeze(2)
-            a, c = col[:, j], col[:, k]
+            keep = hn > eps100 * w0.unsqueeze(1)
+            hk = hn * keep
+            V[:, k: k + 1] = w / torch.where(keep, hn, inf_b).unsqueeze(2)
+            col = torch.bmm(Q[:, : k + 1, : k + 1], torch.cat([h + h2, hk.unsqueeze(2)], dim=1))
+            a, c = col[:, j, 0], col[:, k, 0]
             rr = torch.hypot(a, c)
             zero = rr == 0  # an instance already broken down: identity rotation
-            rr1 = rr + zero
-            G = torch.stack([a + zero, c, -c, a + zero], dim=1).view(B, 2, 2) / rr1.view(B, 1, 1)
+            a1 = a + zero
+            G = torch.stack([a1, c, -c, a1], dim=1).view(B, 2, 2) / (rr + zero).view(B, 1, 1)
             Q[:, j: k + 1, : k + 1] = torch.bmm(G, Q[:, j: k + 1, : k + 1])
-            col[:, j] = rr
-            R[:, :k, j] = col[:, :k]
-            est = (beta_rel * Q[:, k, 0]).abs()
+            R[:, :k, j] = col[:, :k, 0]
+            R[:, j, j] = rr
+            est = Q[:, k, 0].abs() * beta_rel
             est_hist[:, j] = est
             if bool(((est <= tol) | done).all()):
                 break
@@ -133,7 +158,8 @@ def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
         Rk = Rk + torch.diag_embed((diag == 0).to(dt))  # broken-down columns: y = 0 there
         gk = beta.unsqueeze(1) * Q[:, :k, 0]
         y = torch.linalg.solve_triangular(Rk, gk.unsqueeze(2), upper=True)
-        x = x + torch.bmm(y.transpose(1, 2), V[:, :k]).squeeze(1)
+        step = torch.bmm(y.transpose(1, 2), V[:, :k]).squeeze(1)
+        x = x + (step if pc is None else pc(step))
         fresh = False  # x changed: the next pass (or the end) recomputes the true residual
     if fresh:
         res = rel
@@ -152,15 +178,22 @@ def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
 
 
 def bicgstab(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e-10,
-             maxiter: int | None = None) -> tuple[Tensor, SolveInfo]:
+             maxiter: int | None = None, preconditioner: MatVec | None = None
+             ) -> tuple[Tensor, SolveInfo]:
     """BiCGStab (van der Vorst), batched with per-instance scalars; two applications per iteration.
 
     Short recurrences (memory O(B·n), independent of the iteration count); no optimality
     guarantee. A breakdown (``⟨r̂, v⟩ = 0``, e.g. on a step with an exactly nilpotent part)
     restarts the instance with ``r̂ = r``; a second one in a row is reported as
     non-convergence.
+
+    Args:
+        preconditioner: ``M⁻¹ ≈ A⁻¹`` (``(B, n) -> (B, n)``), applied on the right: the
+            recurrences run on ``A M⁻¹`` and the residual judged is the true ``b − A x``.
+            Two applications per iteration.
     """
     _check_b(b, "bicgstab")
+    pc = _check_preconditioner(preconditioner, b, "bicgstab")
     B, n = b.shape
     tol = _effective_tol(tol, b.dtype)
     maxiter = int(maxiter) if maxiter is not None else min(max(2 * n, 100), 5000)
@@ -192,15 +225,17 @@ def bicgstab(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float 
         rho_new = _bdot(r_hat, r)
         beta = sdiv(rho_new, rho) * sdiv(alpha, omega)
         p = r + beta[:, None] * (p - omega[:, None] * v)
-        v = matvec(p)
+        ph = p if pc is None else pc(p)
+        v = matvec(ph)
         alpha = sdiv(rho_new, _bdot(r_hat, v))
         s = r - alpha[:, None] * v
-        t = matvec(s)
+        sh = s if pc is None else pc(s)
+        t = matvec(sh)
         n_mv += 2
-        anorm = torch.maximum(anorm, torch.maximum(sdiv(v.norm(dim=1), p.norm(dim=1)),
-                                                   sdiv(t.norm(dim=1), s.norm(dim=1))))
+        anorm = torch.maximum(anorm, torch.maximum(sdiv(v.norm(dim=1), ph.norm(dim=1)),
+                                                   sdiv(t.norm(dim=1), sh.norm(dim=1))))
         omega = sdiv(_bdot(t, s), _bdot(t, t))
-        x_new = x + alpha[:, None] * p + omega[:, None] * s
+        x_new = x + alpha[:, None] * ph + omega[:, None] * sh
         r_new = s - omega[:, None] * t
         x = torch.where(active[:, None], x_new, x)
         r = torch.where(active[:, None], r_new, r)

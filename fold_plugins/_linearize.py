@@ -116,6 +116,8 @@ class Linearization:
                  batched: bool, tuple_state: bool):
         self.spec = _Spec(x_parts, batched)
         self.tuple_state = tuple_state
+        #: identifies the step's code across calls (``solver="auto"`` caches its costs by it)
+        self.step_key = _step_key(step)
         self.x_parts = tuple(t.detach().requires_grad_(True) for t in x_parts)
         recorder = StepRecorder(self.x_parts, params)
         try:
@@ -263,12 +265,24 @@ def _engine_grad(outs: list[Tensor], inputs: tuple[Tensor, ...], cots: list[Tens
         return None
 
 
+def _step_key(step: Callable) -> Any:
+    """The code object behind ``step`` (a function, bound method, closure or module's
+    ``forward``): the same for every call of one step, whatever its parameters."""
+    fn = getattr(step, "__func__", step)
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        fwd = getattr(type(step), "forward", None) or type(step).__dict__.get("__call__")
+        code = getattr(fwd, "__code__", None)
+    return code if code is not None else type(step)
+
+
 class _IminusPhiT:
     """The operator ``v ↦ v − Φᵀv`` in the solver protocol (with ``matmat`` for ``dense``)."""
 
     def __init__(self, lin: Linearization):
         self.lin = lin
         self.count = 0
+        self.cost_key = lin.step_key
 
     def __call__(self, v: Tensor) -> Tensor:
         self.count += 1

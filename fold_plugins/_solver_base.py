@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ._conditioning import krylov_rcond, not_isolated_threshold, operator_noise, roundoff_floor
+from ._conditioning import krylov_rcond, noise_and_gain, not_isolated_threshold, roundoff_floor
 from ._errors import FoldError
 
 MatVec = Callable[[Tensor], Tensor]
@@ -98,8 +98,9 @@ def _verdict(matvec: MatVec, b: Tensor, x: Tensor, res: Tensor, tol: float, anor
     extra["not_isolated"] = singular
     # round-off inside the step (e.g. a Cholesky solve of an ill-conditioned matrix) makes the
     # operator itself inexact: measure it by its defect of linearity at x's scale
-    noise = operator_noise(matvec, x)
+    noise, gain = noise_and_gain(matvec, x)
     den = b.norm(dim=1)
+    floor = torch.maximum(floor, roundoff_floor(torch.maximum(anorm, gain), x.norm(dim=1), den, n))
     floor = torch.maximum(floor, 10 * noise / torch.where(den > 0, den, torch.ones_like(den)))
     floor = torch.minimum(floor, torch.full_like(floor, math.sqrt(torch.finfo(b.dtype).eps)))
     extra["roundoff_floor"] = floor
@@ -107,3 +108,39 @@ def _verdict(matvec: MatVec, b: Tensor, x: Tensor, res: Tensor, tol: float, anor
     return converged, k + 3
 
 
+
+
+class _Preconditioner:
+    """A user's ``M⁻¹`` with its first output checked (shape, dtype, device, finiteness)."""
+
+    def __init__(self, fn: MatVec, like: Tensor, where: str):
+        self.fn, self.like, self.where, self.checked = fn, like, where, False
+
+    def __call__(self, v: Tensor) -> Tensor:
+        out = self.fn(v)
+        if not self.checked:
+            ok = (isinstance(out, Tensor) and out.shape == v.shape and out.dtype == v.dtype
+                  and out.device == v.device)
+            if not ok:
+                seen = (f"{tuple(out.shape)} {out.dtype} on {out.device}"
+                        if isinstance(out, Tensor) else type(out).__name__)
+                raise FoldError(
+                    f"{self.where}: preconditioner must map a (B, n) tensor to one of the same "
+                    f"shape, dtype and device ({tuple(v.shape)} {v.dtype} on {v.device}); it "
+                    f"returned {seen}. Return M⁻¹v row by row, keeping v's dtype and device.")
+            if not bool(torch.isfinite(out).all()):
+                raise FoldError(
+                    f"{self.where}: preconditioner returned NaN/Inf for a finite input: its "
+                    "M is singular or badly built; fix it or pass preconditioner=None.")
+            self.checked = True
+        return out
+
+
+def _check_preconditioner(pc: MatVec | None, b: Tensor, where: str) -> _Preconditioner | None:
+    """``None`` or the preconditioner wrapped for a first-call check; a non-callable raises."""
+    if pc is None:
+        return None
+    if not callable(pc):
+        raise FoldError(f"{where}: preconditioner must be a callable (B, n) -> (B, n) applying "
+                        f"M⁻¹ ≈ A⁻¹ (or None), got {type(pc).__name__}.")
+    return _Preconditioner(pc, b, where)

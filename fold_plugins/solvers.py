@@ -23,7 +23,10 @@ or a residual at the round-off floor (converged, no warning), or a singular ``I 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -156,27 +159,128 @@ def dense(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
                                "roundoff_floor": floor})
 
 
-#: ``auto`` uses :func:`dense` up to this many state entries per instance (measured in
-#: ``comparisons`` scaling: dense's one batched VJP + LU beat GMRES's n sequential autograd
-#: calls up to n ≈ 200, and lost 2.3× at n = 400) ...
-AUTO_DENSE_MAX_N = 128
-#: ... and while the materialised (B, n, n) system stays below this many elements.
+#: ``auto`` never materialises more than this many elements (``B·n²``) for :func:`dense`.
 AUTO_DENSE_MAX_ELEMENTS = 1 << 22
+#: GMRES iterations assumed for a step ``auto`` has not yet seen run (then: the last count).
+AUTO_GMRES_ITERS_GUESS = 30
+
+
+@dataclass
+class _Costs:
+    """What ``auto`` knows of one (step, B, n, dtype, device): probes, then measured times."""
+
+    vjp: float  # one operator application (s)
+    col: float  # each further column of a batched application (s)
+    lu: float  # dense's factorisation, condition estimate and residual (s)
+    over: float  # GMRES's own work per iteration besides the operator (s)
+    dense: float | None = None  # measured wall time of dense (best seen)
+    gmres: float | None = None  # measured wall time of (preconditioned) gmres (best seen)
+    iters: int | None = None  # operator applications gmres needed last time
+
+
+#: ``auto``'s cost cache, keyed by ``(step code, B, n, dtype, device, preconditioned)``
+_AUTO_CACHE: dict[tuple, _Costs] = {}
+
+
+def _timed(fn: Callable, dev: torch.device) -> tuple[Any, float]:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    out = fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return out, time.perf_counter() - t0
+
+
+def _probe(matvec: MatVec, b: Tensor) -> _Costs:
+    """One operator application, one batched application of a few columns, a small LU and
+    GMRES's orthogonalisation kernels at this size, each timed once (their results are
+    discarded: the only cost of ``auto``'s first call for a step)."""
+    B, n = b.shape
+    dev, dt = b.device, b.dtype
+    _, t1 = _timed(lambda: matvec(b), dev)
+    _, t1 = _timed(lambda: matvec(b), dev)  # the first call may pay one-time set-up
+    matmat = getattr(matvec, "matmat", None)
+    col = t1
+    if matmat is not None and n > 1:
+        k = min(n, 8)
+        E = b.unsqueeze(0).expand(k, B, n).contiguous()
+        _, tk = _timed(lambda: matmat(E), dev)
+        col = max(tk - t1, 0.0) / (k - 1)
+    # LU: measured at a size capped at ~2e7 flops, scaled by B·n³
+    nl, Bl = min(n, 128), max(1, min(B, int(2e7 // max(1, min(n, 128) ** 3))))
+    M = torch.eye(nl, dtype=dt, device=dev).expand(Bl, nl, nl) + 1e-3
+    _, tl = _timed(lambda: torch.linalg.lu_factor_ex(M), dev)
+    lu = 4.0 * tl * (B * n ** 3) / (Bl * nl ** 3)  # LU + rcond + residual: ≈ 4 LUs
+    # GMRES's own kernels: two bmm + two baddbmm at half a restart's basis, ~40 small ops
+    kb = max(1, min(n, AUTO_GMRES_ITERS_GUESS) // 2)
+    V = b.new_ones(B, kb, n)
+    w = b.unsqueeze(1)
+
+    def orth() -> Tensor:
+        h = torch.bmm(V, w.mT)
+        return torch.baddbmm(w, h.mT, V, alpha=-1)
+    _, tb = _timed(orth, dev)
+    _, tsmall = _timed(lambda: [b.norm(dim=1) for _ in range(10)], dev)
+    return _Costs(vjp=t1, col=col, lu=lu, over=2 * tb + 4 * tsmall)
+
+
+def _estimates(c: _Costs, n: int) -> tuple[float, float]:
+    dense_t = c.dense if c.dense is not None else c.vjp + (n - 1) * c.col + c.lu
+    k = c.iters if c.iters is not None else min(n, AUTO_GMRES_ITERS_GUESS) + 2
+    gmres_t = c.gmres if c.gmres is not None else k * (c.vjp + c.over)
+    return dense_t, gmres_t
 
 
 def auto(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e-10,
-         maxiter: int | None = None, **options) -> tuple[Tensor, SolveInfo]:
-    """:func:`dense` for small systems (``n ≤ AUTO_DENSE_MAX_N`` and ``B·n² ≤
-    AUTO_DENSE_MAX_ELEMENTS``), :func:`gmres` otherwise; ``info.solver`` says which ran.
+         maxiter: int | None = None, preconditioner: MatVec | None = None, **options
+         ) -> tuple[Tensor, SolveInfo]:
+    """:func:`dense` or :func:`gmres` (preconditioned when ``preconditioner`` is given),
+    whichever a cost model says is faster for this step at this ``(B, n)``; ``info.solver``
+    says which ran.
 
-    At small sizes the cost of a Krylov method is its sequential operator applications (one
-    autograd call each), which dense replaces with one batched application and an LU.
+    Cost model (cached per step code, ``B``, ``n``, dtype and device; the first call probes):
+    dense ≈ one batched application of ``n`` columns (one application plus ``n − 1`` times
+    the measured cost of a further column) + the LU (timed at a capped size, scaled by
+    ``B·n³``); GMRES ≈ (iterations + 2) × (one application + its orthogonalisation). The
+    iteration count is a guess (:data:`AUTO_GMRES_ITERS_GUESS`) until GMRES has run on the
+    step, then the last count. Each solve's measured wall time replaces its estimate, and the
+    other method is tried once while its estimate is within 1.5× of the measured one, so from
+    the third call on the choice rests on measurements. Dense is never used beyond
+    :data:`AUTO_DENSE_MAX_ELEMENTS` (memory). The probes (two operator applications and one
+    batched application of a few columns) count in ``info.n_matvec``.
     """
     _check_b(b, "auto")
     B, n = b.shape
-    if n <= AUTO_DENSE_MAX_N and B * n * n <= AUTO_DENSE_MAX_ELEMENTS:
-        return dense(matvec, b, x0=x0, tol=tol, maxiter=maxiter)
-    return gmres(matvec, b, x0=x0, tol=tol, maxiter=maxiter, **options)
+    run_gmres = lambda: gmres(matvec, b, x0=x0, tol=tol, maxiter=maxiter,  # noqa: E731
+                              preconditioner=preconditioner, **options)
+    if B * n * n > AUTO_DENSE_MAX_ELEMENTS:
+        return run_gmres()
+    key = (getattr(matvec, "cost_key", None), B, n, b.dtype, b.device, preconditioner is None)
+    c = _AUTO_CACHE.get(key)
+    n_probe = 0
+    if c is None:
+        c = _probe(matvec, b)
+        n_probe = 2 + (1 if getattr(matvec, "matmat", None) is not None and n > 1 else 0)
+        if len(_AUTO_CACHE) > 256:
+            _AUTO_CACHE.clear()
+        _AUTO_CACHE[key] = c
+    dense_t, gmres_t = _estimates(c, n)
+    use_dense = dense_t <= gmres_t
+    # explore: the other method once, while its estimate is close to the measured choice
+    if use_dense and c.dense is not None and c.gmres is None and gmres_t < 1.5 * c.dense:
+        use_dense = False
+    elif not use_dense and c.gmres is not None and c.dense is None and dense_t < 1.5 * c.gmres:
+        use_dense = True
+    if use_dense:
+        (x, info), t = _timed(lambda: dense(matvec, b, x0=x0, tol=tol, maxiter=maxiter), b.device)
+        c.dense = t if c.dense is None else min(c.dense, t)
+    else:
+        (x, info), t = _timed(run_gmres, b.device)
+        c.gmres = t if c.gmres is None else min(c.gmres, t)
+        c.iters = info.n_matvec
+    info.n_matvec += n_probe
+    return x, info
 
 
 SOLVERS: dict[str, Callable] = {

@@ -232,16 +232,84 @@ def test_gmres_returns_its_best_iterate_at_the_noise_floor():
     assert bool((exact < 1e-4).all()) and bool((info.residual < 1e-4).all())
 
 
-def test_auto_picks_dense_for_small_and_gmres_for_large_systems():
+class KeyedOp(MatOp):
+    """A MatOp with a step identity, so ``auto`` caches its costs under a known key."""
+
+    def __init__(self, A, key):
+        super().__init__(A)
+        self.cost_key = key
+
+
+def test_auto_follows_its_cost_model_then_its_measurements():
+    from fold_plugins.solvers import _AUTO_CACHE, _Costs
+
     A, b = contraction_system(B=2, n=12)
-    x, info = fp.solvers.auto(MatOp(A), b, tol=1e-12)
-    assert info.solver == "dense"
-    assert torch.allclose(x, torch.linalg.solve(A, b), atol=1e-12)
-    big = fp.solvers.AUTO_DENSE_MAX_N + 1
-    A2, b2 = contraction_system(B=1, n=big, rho=0.5, seed=2)
+    x_true = torch.linalg.solve(A, b)
+    key = ("test-op", 2, 12, DT, b.device, True)
+    # a step whose VJP is cheap to batch: dense estimated at 1e-3 s vs gmres 14 × 1e-3 s
+    _AUTO_CACHE[key] = _Costs(vjp=1e-3, col=1e-6, lu=1e-5, over=0.0)
+    x, info = fp.solvers.auto(KeyedOp(A, "test-op"), b, tol=1e-12)
+    assert info.solver == "dense" and torch.allclose(x, x_true, atol=1e-12)
+    # batched application as costly as sequential ones and GMRES measured cheap: gmres
+    _AUTO_CACHE[key] = _Costs(vjp=1e-3, col=1e-3, lu=1e-2, over=0.0, dense=1.0, gmres=1e-3)
+    x, info = fp.solvers.auto(KeyedOp(A, "test-op"), b, tol=1e-12)
+    assert info.solver == "gmres" and torch.allclose(x, x_true, atol=1e-10)
+    # only gmres measured, dense's estimate within 1.5× of it: dense is tried once
+    _AUTO_CACHE[key] = _Costs(vjp=1e-3, col=5e-5, lu=1e-3, over=0.0, gmres=2e-3)
+    x, info = fp.solvers.auto(KeyedOp(A, "test-op"), b, tol=1e-12)
+    assert info.solver == "dense" and _AUTO_CACHE[key].dense is not None
+    del _AUTO_CACHE[key]
+
+
+def test_auto_measures_on_first_call_and_caps_dense_memory():
+    from fold_plugins.solvers import _AUTO_CACHE
+
+    A, b = contraction_system(B=2, n=12)
+    op = KeyedOp(A, "test-probe")
+    x, info = fp.solvers.auto(op, b, tol=1e-12)
+    c = _AUTO_CACHE.pop(("test-probe", 2, 12, DT, b.device, True))
+    assert c.vjp > 0 and c.lu > 0 and (c.dense is not None or c.gmres is not None)
+    assert torch.allclose(x, torch.linalg.solve(A, b), atol=1e-10)
+    assert op.calls >= 2  # the probes are real applications, counted
+    # past the memory cap dense is never considered, whatever the costs
+    n = int((fp.solvers.AUTO_DENSE_MAX_ELEMENTS) ** 0.5) + 1
+    A2, b2 = contraction_system(B=1, n=n, rho=0.5, seed=2)
     x2, info2 = fp.solvers.auto(MatOp(A2), b2, tol=1e-12)
     assert info2.solver == "gmres" and bool(info2.converged.all())
     assert torch.allclose(x2, torch.linalg.solve(A2, b2), atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["gmres", "bicgstab", "auto"])
+def test_preconditioner_same_answer_fewer_applications(name):
+    # M⁻¹ = the inverse of a nearby matrix (A + 1e-3·noise): a few iterations instead of many
+    A, b = contraction_system(B=3, n=60, rho=0.95, seed=4)
+    x_true = torch.linalg.solve(A, b)
+    g = torch.Generator().manual_seed(9)
+    Minv = torch.linalg.inv(A + 1e-3 * torch.randn(A.shape, generator=g, dtype=DT))
+    pc = lambda v: torch.einsum("bij,bj->bi", Minv, v)  # noqa: E731
+    kw = {"maxiter": 500}
+    if name == "auto":
+        from fold_plugins.solvers import _AUTO_CACHE, _Costs
+        _AUTO_CACHE[("pc-op", 3, 60, DT, b.device, False)] = _Costs(1.0, 1.0, 1.0, 0.0)
+        op = KeyedOp(A, "pc-op")
+    else:
+        op = MatOp(A)
+    x0, i0 = SOLVERS["gmres" if name == "auto" else name](MatOp(A), b, tol=1e-12, **kw)
+    x1, i1 = SOLVERS[name](op, b, tol=1e-12, preconditioner=pc, **kw)
+    for x, info in ((x0, i0), (x1, i1)):
+        assert bool(info.converged.all()) and info.residual.max() <= 1e-11
+        assert ((x - x_true).norm(dim=1) / x_true.norm(dim=1)).max() < 1e-10
+    assert i1.n_matvec <= 12 < i0.n_matvec, (i1.n_matvec, i0.n_matvec)
+
+
+def test_preconditioner_is_checked_at_the_call():
+    A, b = contraction_system(B=2, n=8)
+    with pytest.raises(fp.FoldError, match="preconditioner must be a callable"):
+        fp.solvers.gmres(MatOp(A), b, preconditioner="jacobi")
+    with pytest.raises(fp.FoldError, match="same shape, dtype and device"):
+        fp.solvers.bicgstab(MatOp(A), b, preconditioner=lambda v: v[:, :3])
+    with pytest.raises(fp.FoldError, match="NaN/Inf"):
+        fp.solvers.gmres(MatOp(A), b, preconditioner=lambda v: v / 0.0)
 
 
 @pytest.mark.parametrize("name", ["gmres", "bicgstab", "fixed_point"])

@@ -27,6 +27,8 @@ import torch
 from torch import Tensor
 
 from .._errors import FoldError, report_unconverged
+from ..preconditioners import admm_qp as admm_qp_preconditioner
+from ..preconditioners import lazy
 from ._common import ShapeError, bmtv, bmv, check_matrix, check_vector, clip_free
 from ._qp_kkt import (
     INF,
@@ -369,7 +371,8 @@ def solve_qp_admm(P: Tensor, q: Tensor, A: Tensor, l: Tensor, u: Tensor, *,
 
 def qp(P: Tensor, q: Tensor, A: Tensor, l: Tensor, u: Tensor, *, backward: str = "gmres",
        backward_tol: float = 1e-12, return_state: bool = False, return_info: bool = False,
-       admm_options: dict[str, Any] | None = None, warm_start=None, strict: bool = False):
+       admm_options: dict[str, Any] | None = None, warm_start=None, strict: bool = False,
+       precondition: bool = True):
     """Differentiable QP solution ``x*(P, q, A, l, u)``: :func:`solve_qp_admm` forward, then
     :func:`fold_plugins.fold` with :func:`admm_qp` (no unrolling of the ADMM iterations).
 
@@ -384,6 +387,12 @@ def qp(P: Tensor, q: Tensor, A: Tensor, l: Tensor, u: Tensor, *, backward: str =
     warns nor raises under ``strict``. A weakly active row (on its bound with a zero
     multiplier) takes the free piece's derivative and is counted in
     ``FoldInfo.extra["weakly_active"]`` (see :mod:`fold_plugins.projections`).
+
+    ``precondition`` (default on, for the ``gmres``, ``bicgstab`` and ``auto`` backward):
+    the Krylov solve is preconditioned with :func:`fold_plugins.preconditioners.admm_qp`, the
+    exact inverse from the step's own matrices (built when backward first runs), so it takes
+    one or two VJPs instead of ``0.5–1 × (n + 2m)``; the tolerance and the verdict are
+    unchanged (the residual judged is the unpreconditioned one).
 
     Returns:
         ``x (B, n)``, or the folded state ``(x, z, y)`` with ``return_state``. With
@@ -403,7 +412,13 @@ def qp(P: Tensor, q: Tensor, A: Tensor, l: Tensor, u: Tensor, *, backward: str =
     finfo.forward_iterations = info.iterations
     finfo.forward_residual = torch.maximum(info.primal_residual, info.dual_residual)
     finfo.forward_converged = info.converged
+    sopts = None
+    if precondition and backward in ("gmres", "bicgstab", "auto"):
+        sopts = {"preconditioner": lazy(
+            admm_qp_preconditioner, (x, z, y), P, q, A, lc, uc, rho=info.rho,
+            sigma=opts.get("sigma", 1e-6), alpha=opts.get("alpha", 1.6),
+            rho_eq_scale=opts.get("rho_eq_scale", 1e3))}
     state = fold(step, (x, z, y), P, q, A, lc, uc, solver=backward, tol=backward_tol,
-                 strict=strict, info=finfo)
+                 strict=strict, info=finfo, solver_options=sopts)
     out = state if return_state else state[0]
     return (out, finfo, info) if return_info else out

@@ -143,6 +143,25 @@ def time_phases(run_once: Callable[[Stopwatch], Any], device: torch.device, repe
     return timing
 
 
+def vjp_time(step: Callable, x: Any, *params: Any, device: torch.device, repeats: int = 21
+             ) -> float:
+    """Median seconds of one VJP ``v ↦ Φᵀv`` of ``step`` at ``x`` (one folded-backward
+    operator application, as the backward solvers call it): the unit of the "VJP floor"
+    ``#VJPs × vjp_time`` that a Krylov backward cannot go below."""
+    from fold_plugins.fold import linearize
+
+    lin = linearize(step, x, *params)
+    v = torch.ones(lin.spec.B, lin.spec.n, dtype=lin.x_parts[0].dtype, device=device)
+    times = []
+    for _ in range(repeats + 2):
+        sync(device)
+        t0 = time.perf_counter()
+        lin.vjp(v)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[2:])
+
+
 @dataclass
 class MemoryStats:
     """Peak-memory figures of one call, in bytes (``None`` where the method is unavailable)."""

@@ -14,6 +14,16 @@ device; nothing is allocated elsewhere.
 In :func:`fold_plugins.fold` the operator is ``A = I − Φᵀ`` with ``Φ = ∂U/∂x`` at the
 fixed point, applied through vector-Jacobian products of one update step.
 
+Preconditioning: :func:`gmres`, :func:`bicgstab` and :func:`auto` take an optional
+``preconditioner``, a callable ``(B, n) -> (B, n)`` applying ``M⁻¹ ≈ A⁻¹`` row by row (pass
+it from :func:`fold_plugins.fold` as ``solver_options={"preconditioner": pc}``). It is
+applied on the right (the method runs on ``A M⁻¹`` and returns ``x = M⁻¹u``), so the residual
+tracked, the tolerance and the final verdict are those of the unpreconditioned system; its
+first output is checked (shape, dtype, device, finite). Ready ones for the library's steps
+(the exact KKT-structured inverse for ``admm_qp``, the Hessian factor for Newton-type steps,
+any dense ``M``) are in :mod:`fold_plugins.preconditioners`. :func:`dense` and
+:func:`fixed_point` do not take one.
+
 Every built-in solver ends with the same verdict (``fold_plugins._solver_base``): tol met,
 or a residual at the round-off floor (converged, no warning), or a singular ``I − Φ``
 (``info.extra["not_isolated"]``: the fixed point is not isolated). :func:`gmres` and

@@ -6,9 +6,10 @@ instance's relative error against the closed-form active-set gradient.
 
 Methods (each measured on the same instances in the same run):
 
-* **folded gmres / dense / fixed_point** — forward: FISTA to a fixed-point residual of 1e-10
-  under ``torch.no_grad()``, then ``fp.fold(pgd_step, x*, q, solver=...)``; backward: the
-  folded solve (tolerance 1e-10).
+* **folded gmres / dense / fixed_point / auto** — forward: FISTA to a fixed-point residual of
+  1e-10 under ``torch.no_grad()``, then ``fp.fold(pgd_step, x*, q, solver=...)``; backward:
+  the folded solve (tolerance 1e-10). ``auto`` picks dense or GMRES from its cost model
+  (measured on its first call for the step, cached; the untimed check call is that first call).
 * **unrolled K=100 / K=500** — ``K`` projected-gradient steps from 0 with the autograd graph
   (``fold_plugins.adapters.unrolled.unroll``), backward through all of them.
 * **cvxpylayers** — ``CvxpyLayer`` (diffcp backend, SCS with its default tolerances, one job),
@@ -18,6 +19,10 @@ Methods (each measured on the same instances in the same run):
   ratio with the same method's gradient error.
 
 Baseline of every ratio: **folded gmres** on the same (n, B).
+
+**VJP floor**: ``#VJPs × (median time of one VJP of the step at x*)``, the least a backward
+made of that many sequential operator applications can cost; ``backward ÷ floor`` is what the
+Krylov method adds (orthogonalisation, bookkeeping, the final verdict).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import torch
 import fold_plugins as fp
 
 from ..config import Config
-from ..measure import MemoryStats, Stopwatch, Timing, measure_memory, time_phases
+from ..measure import MemoryStats, Stopwatch, Timing, measure_memory, time_phases, vjp_time
 from ..problems import QP, exact_solution, make_qp, max_rel_err, solve_qp, unroll, vjp_truth
 from ..progress import bar
 from ..report import SuiteResult, fmt_bytes, fmt_err, fmt_ms, fmt_ratio, save_figure, table
@@ -57,6 +62,8 @@ class Point:
     skipped: str = ""
     failed: str = ""
     backward_converged: bool | None = None  # folded: FoldInfo.backward_converged all true
+    matvecs: int | None = None  # folded: FoldInfo.backward_matvecs (VJPs of the step)
+    solver_ran: str = ""  # folded: FoldInfo.backward_solver ("auto (dense)" …)
 
 
 @dataclass
@@ -80,7 +87,8 @@ def _folded(solver: str) -> Callable:
             sw.lap("backward")
             conv = info.backward_converged
             return (q.grad, int(info.backward_iterations.max()),
-                    None if conv is None else bool(conv.all()))
+                    None if conv is None else bool(conv.all()),
+                    {"matvecs": info.backward_matvecs, "solver": info.backward_solver})
         return call
     return prepare
 
@@ -136,6 +144,7 @@ def _cvxpylayers(solve_method: str, solver_args: dict | None = None) -> Callable
 def _methods(cfg: Config) -> list[Method]:
     ms = [Method("folded gmres", _folded("gmres")), Method("folded dense", _folded("dense")),
           Method("folded fixed_point", _folded("fixed_point")),
+          Method("folded auto", _folded("auto")),
           Method("unrolled K=100", _unrolled(100)), Method("unrolled K=500", _unrolled(500)),
           Method("cvxpylayers (SCS)", _cvxpylayers("SCS"))]
     if cfg.mode == "full":
@@ -163,11 +172,14 @@ def _measure(method: Method, call: Callable, qp: QP, g: torch.Tensor, truth: tor
 
     sw = Stopwatch(cfg.device)
     t0 = time.perf_counter()
-    grad, iters, converged = once(sw)  # untimed check call, also the warm-up
+    out = once(sw)  # untimed check call, also the warm-up
     first = time.perf_counter() - t0
+    grad, iters, converged = out[:3]
     pt.error = max_rel_err(grad, truth)
     pt.iterations = iters
     pt.backward_converged = converged
+    if len(out) > 3:
+        pt.matvecs, pt.solver_ran = out[3]["matvecs"], out[3]["solver"]
     # slow points get fewer repeats (their spread is small relative to their time): full
     # repeats up to 2 s a call, 3 up to the budget, 1 beyond it (larger sizes then skipped)
     repeats = cfg.repeats if first <= 2.0 else (min(3, cfg.repeats) if first <= budget else 1)
@@ -196,6 +208,7 @@ def run(cfg: Config) -> SuiteResult:
     errors: list[str] = []
     work = [(p, m) for p in points for m in methods]
     cache: dict[tuple[int, int], tuple] = {}
+    vjp_s: dict[tuple[int, int], float] = {}  # one VJP of the step, per point
     for (n, b), m in bar(work, cfg, "scaling"):
         if (n, b) not in cache:
             cache.clear()
@@ -204,6 +217,8 @@ def run(cfg: Config) -> SuiteResult:
             xs = exact_solution(qp, xs)
             g = cfg.randn(b, n, gen=cfg.generator(3 + n + b))
             cache[(n, b)] = (qp, g, vjp_truth(qp, xs, g))
+            vjp_s[(n, b)] = vjp_time(qp.step, xs, qp.q.detach().clone().requires_grad_(True),
+                                     device=cfg.device)
         qp, g, truth = cache[(n, b)]
         row = results.setdefault((n, b), {})
         if _skip(m, n, b):
@@ -218,8 +233,11 @@ def run(cfg: Config) -> SuiteResult:
             errors.append(msg)
     res = SuiteResult("scaling", TITLE, errors=errors)
     res.data = _data(results, methods)
+    res.data["vjp_seconds"] = {f"n={n},B={b}": t for (n, b), t in vjp_s.items()}
     # each part guarded: a failure is recorded and the measured numbers are still written
-    parts = (("markdown", lambda: setattr(res, "markdown", _markdown(results, methods, points))),
+    parts = (("markdown", lambda: setattr(res, "markdown", _markdown(results, methods, points)
+                                          + _floor_markdown(results, vjp_s, points, res.data))),
+             ("general QP", lambda: _general_qp_section(res, cfg)),
              ("plot", lambda: res.figures.append(_plot(results, methods, size_sweep,
                                                        batch_sweep, cfg))),
              ("headline", lambda: setattr(res, "headline", _headline(results, methods,
@@ -247,7 +265,8 @@ def _data(results: dict, methods: list[Method]) -> dict:
                 "saved": p.memory.saved if p.memory else None,
                 "rss_peak_delta": p.memory.rss_peak_delta if p.memory else None,
                 "plotted_peak": p.memory.peak if p.memory else None,
-                "backward_converged": p.backward_converged,
+                "backward_converged": p.backward_converged, "matvecs": p.matvecs,
+                "solver_ran": p.solver_ran,
                 "skipped": p.skipped, "failed": p.failed}
     return out
 
@@ -393,3 +412,71 @@ def _headline(results: dict, methods: list[Method], points: list[tuple[int, int]
                     + ", ".join(parts) + f"; vs folded gmres at gradient error "
                     f"{fmt_err(base.error)}{_flag(base)}"]
     return []
+
+
+FLOOR_METHODS = ("folded gmres", "folded auto", "folded fixed_point")
+#: targets of issue 15 quoted with their status: GMRES backward ÷ VJP floor at n ≥ 100, and
+#: auto ÷ the better of dense and gmres over the grid
+FLOOR_TARGET, AUTO_TARGET = 1.5, 1.2
+
+
+def _floor_markdown(results: dict, vjp_s: dict, points: list[tuple[int, int]], data: dict
+                    ) -> str:
+    """The VJP-floor table and the status of the floor and auto targets."""
+    rows, gm_ratios, auto_ratios = [], [], []
+    for n, b in points:
+        row, t1 = results[(n, b)], vjp_s.get((n, b))
+        cells: list = [n, b, f"{t1 * 1e6:.0f}" if t1 else "—"]
+        for name in FLOOR_METHODS:
+            p = row.get(name)
+            if p is None or p.timing is None or p.matvecs is None or not t1:
+                cells.append(_cell_missing(p) or "—")
+                continue
+            bw = p.timing.median("backward")
+            if "dense" in p.solver_ran:
+                cells.append(f"{fmt_ms(bw)} (dense: one batched VJP)")
+                continue
+            ratio = bw / (p.matvecs * t1)
+            cells.append(f"{fmt_ms(bw)} / {p.matvecs} / {fmt_ms(p.matvecs * t1)} / "
+                         f"{ratio:.2f}×")
+            if name == "folded gmres" and n >= 100:
+                gm_ratios.append(((n, b), ratio))
+        best = [row.get(k) for k in ("folded gmres", "folded dense")]
+        au = row.get("folded auto")
+        if au and au.timing and all(q and q.timing for q in best):
+            r = au.timing.median("backward") / min(q.timing.median("backward") for q in best)
+            auto_ratios.append(((n, b), r, au.solver_ran))
+            cells.append(f"{r:.2f}× ({au.solver_ran})")
+        else:
+            cells.append("—")
+        rows.append(cells)
+    md = ["", "**VJP floor** (backward ms / #VJPs / floor = #VJPs × one VJP, ms / backward ÷ "
+          "floor):", "",
+          table(["n", "B", "one VJP µs"] + list(FLOOR_METHODS)
+                + ["auto ÷ min(dense, gmres) backward"], rows)]
+    status = []
+    if gm_ratios:
+        (wn, wb), worst = max(gm_ratios, key=lambda t: t[1])
+        met = worst <= FLOOR_TARGET
+        status.append(f"- GMRES backward ≤ {FLOOR_TARGET}× the VJP floor at n ≥ 100: "
+                      f"{'met' if met else 'not met'} (worst {worst:.2f}× at n={wn}, B={wb})")
+        data["target_gmres_floor"] = {"worst": worst, "met": met}
+    if auto_ratios:
+        (wn, wb), worst, ran = max(auto_ratios, key=lambda t: t[1])
+        met = worst <= AUTO_TARGET
+        status.append(f"- auto backward ≤ {AUTO_TARGET}× the better of dense and gmres over "
+                      f"the grid: {'met' if met else 'not met'} (worst {worst:.2f}× at n={wn}, "
+                      f"B={wb}, where it ran {ran})")
+        data["target_auto"] = {"worst": worst, "met": met}
+    if status:
+        md += ["", "Targets (this run):"] + status
+    return "\n".join(md)
+
+
+def _general_qp_section(res: SuiteResult, cfg: Config) -> None:
+    """The preconditioned ADMM-QP backward (``comparisons.suites._general_qp``)."""
+    from . import _general_qp
+
+    md, data = _general_qp.run(cfg)
+    res.markdown += "\n\n" + md
+    res.data["general_qp"] = data

@@ -678,12 +678,34 @@ def _methods_theseus_only(th) -> dict[str, tuple[Callable, dict]]:
     }
 
 
+def _default_markdown(rows: dict, problems: list[Problem]) -> str:
+    """First: what a user switching one line gets — the layer's default settings against
+    Theseus ``implicit``, forward + backward and backward, with the gradient error."""
+    name = FOLDED[0]
+    out = []
+    for prob in problems:
+        r = rows.get(prob.name, {})
+        e, base = r.get(name, {}), r.get(BASELINE, {})
+        if "backward_s" not in e:
+            out.append((prob.name, prob.tangent_dim, "—", "—",
+                        "failed" if "failed" in e else "—"))
+            continue
+        ratio, total_ratio = _ratios(e, base)
+        out.append((prob.name, prob.tangent_dim, fmt_ratio(total_ratio), fmt_ratio(ratio),
+                    fmt_err(e["error"]) + _flag(e)))
+    return "\n".join([f"**Default settings** (`FoldedTheseusLayer(optimizer)`, listed as "
+                      f"\"{name}\" below) against Theseus `implicit`:", "",
+                      table(["problem", "tangent dims", f"forward+backward ÷ {BASELINE}",
+                             f"backward ÷ {BASELINE}", "gradient error"], out)])
+
+
 def _markdown(rows: dict, names: list[str], problems: list[Problem], truths: dict,
               verdicts: dict, cfg: Config) -> str:
     md = [__doc__.split("\n\n", 1)[1].strip(), "",
           "Error = worst instance's relative error ‖g − g_truth‖/‖g_truth‖ of ∂loss/∂data; "
           "per-instance data throughout. Times are medians on a shared machine (rough: "
-          "neighbours' load moves them by tens of percent).", ""]
+          "neighbours' load moves them by tens of percent).", "",
+          _default_markdown(rows, problems), ""]
     for prob in problems:
         r = rows.get(prob.name, {})
         base = r.get(BASELINE, {})

@@ -157,13 +157,12 @@ class Portfolio:
         return call
 
     def spo_plus(self, c_hat: Tensor, c: Tensor, x_true_lin: Tensor) -> Tensor:
-        """SPO+ loss on the linear objective ``cᵀx`` over the same feasible set (maximisation
-        written with costs ``−c``): ``max_x (c − 2ĉ)ᵀx + 2ĉᵀx*(c) − cᵀx*(c)``; its gradient in
-        ``ĉ`` is ``2(x*(c) − x*(2ĉ − c))``."""
+        """SPO+ loss on the linear objective ``cᵀx`` over the same feasible set (the
+        minimisation form with costs ``−c``, ``−ĉ``): ``max_x (2ĉ − c)ᵀx − 2ĉᵀx*(c) + cᵀx*(c)``
+        ≥ 0 (0 at ĉ = c); its gradient in ``ĉ`` is ``2(x*(2ĉ − c) − x*(c))`` (x* maximises)."""
         x_adv, _ = self.solve(2 * c_hat.detach() - c, quadratic=False)
-        val = ((c - 2 * c_hat) * x_adv).sum(-1) + (2 * c_hat * x_true_lin).sum(-1) \
-            - (c * x_true_lin).sum(-1)
-        return val
+        return ((2 * c_hat - c) * x_adv).sum(-1) - (2 * c_hat * x_true_lin).sum(-1) \
+            + (c * x_true_lin).sum(-1)
 
     def regret(self, x_hat: Tensor, x_true: Tensor, c: Tensor) -> float:
         """Normalised regret ``Σ (v(x*(c)) − v(x̂)) / Σ |v(x*(c))|``, ``v = cᵀx − ρ‖x‖²``."""

@@ -143,23 +143,29 @@ def time_phases(run_once: Callable[[Stopwatch], Any], device: torch.device, repe
     return timing
 
 
-def vjp_time(step: Callable, x: Any, *params: Any, device: torch.device, repeats: int = 21
-             ) -> float:
-    """Median seconds of one VJP ``v ↦ Φᵀv`` of ``step`` at ``x`` (one folded-backward
-    operator application, as the backward solvers call it): the unit of the "VJP floor"
-    ``#VJPs × vjp_time`` that a Krylov backward cannot go below."""
+def vjp_time(step: Callable, x: Any, *params: Any, device: torch.device, rounds: int = 5,
+             per_round: int = 10) -> float:
+    """Seconds of one VJP ``v ↦ Φᵀv`` of ``step`` at ``x`` (one folded-backward operator
+    application, as the backward solvers call it): the unit of the "VJP floor"
+    ``#VJPs × vjp_time`` that a Krylov backward cannot go below.
+
+    Measured as a backward runs them, back to back: the median over ``rounds`` of the mean
+    time of ``per_round`` consecutive VJPs (a median of isolated calls would miss the
+    preemption a long backward suffers on a loaded machine, and flatter the floor)."""
     from fold_plugins.fold import linearize
 
     lin = linearize(step, x, *params)
     v = torch.ones(lin.spec.B, lin.spec.n, dtype=lin.x_parts[0].dtype, device=device)
+    lin.vjp(v)
     times = []
-    for _ in range(repeats + 2):
+    for _ in range(rounds):
         sync(device)
         t0 = time.perf_counter()
-        lin.vjp(v)
+        for _ in range(per_round):
+            lin.vjp(v)
         sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[2:])
+        times.append((time.perf_counter() - t0) / per_round)
+    return statistics.median(times)
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Preconditioned backward solves: the same gradient as the unpreconditioned and dense solves,
-with fewer VJPs (fp.preconditioners; issue 15 item 3)."""
+with fewer VJPs (fp.preconditioners)."""
 
 from __future__ import annotations
 

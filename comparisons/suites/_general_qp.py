@@ -27,7 +27,7 @@ from ..measure import Stopwatch, time_phases
 from ..problems import max_rel_err
 from ..report import fmt_err, fmt_ms, table
 
-#: targets of issue 15: VJPs ≤ n_z/4 (preconditioned), backward ≥ 15× faster than
+#: speed targets: VJPs ≤ n_z/4 (preconditioned), backward ≥ 15× faster than
 #: cvxpylayers' at n = 100, B = 16, gradient error ≤ 1e-8
 VJP_FRACTION, CVX_SPEEDUP, MAX_ERR = 0.25, 15.0, 1e-8
 

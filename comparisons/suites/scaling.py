@@ -415,7 +415,7 @@ def _headline(results: dict, methods: list[Method], points: list[tuple[int, int]
 
 
 FLOOR_METHODS = ("folded gmres", "folded auto", "folded fixed_point")
-#: targets of issue 15 quoted with their status: GMRES backward ÷ VJP floor at n ≥ 100, and
+#: speed targets quoted with their status: GMRES backward ÷ VJP floor at n ≥ 100, and
 #: auto ÷ the better of dense and gmres over the grid
 FLOOR_TARGET, AUTO_TARGET = 1.5, 1.2
 

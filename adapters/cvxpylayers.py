@@ -164,6 +164,7 @@ class CvxpyLayersReference:
         args.update(solver_args or {})
         self.solver_args = args
         self.solver = key
+        self.name = f"cvxpylayers ({key})"  # how fp.verify reports name this reference
         self.layer = CvxpyLayer(problem, parameters=self.parameters, variables=self.variables,
                                 solver=layer_solver)
 

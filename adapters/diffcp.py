@@ -76,6 +76,7 @@ class DiffcpReference:
         self.variables = list(variables)
         self.solve_method = _METHODS[key]
         self.solver = key
+        self.name = f"diffcp ({self.solve_method})"  # how fp.verify reports name this reference
         self.mode = mode
         args = {k: v for k, v in TIGHT_SOLVER_ARGS[key].items() if k != "mode"}
         args.update(solver_args or {})

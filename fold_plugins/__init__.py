@@ -18,6 +18,7 @@ from ._errors import FoldConvergenceWarning, FoldError
 from .fold import FoldInfo, fold
 
 __all__ = [
+    "cones",
     "FoldConvergenceWarning",
     "FoldError",
     "FoldInfo",
@@ -33,8 +34,8 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # steps, projections, prox and verify are imported on first use (they are larger)
-    if name in ("steps", "projections", "prox", "verify"):
+    # cones, steps, projections, prox and verify are imported on first use (they are larger)
+    if name in ("cones", "steps", "projections", "prox", "verify"):
         import importlib
 
         mod = importlib.import_module(f".{name}", __name__)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -183,8 +183,8 @@ class _Costs:
     col: float  # each further column of a batched application (s)
     lu: float  # dense's factorisation, condition estimate and residual (s)
     over: float  # GMRES's own work per iteration besides the operator (s)
-    dense: float | None = None  # measured wall time of dense (best seen)
-    gmres: float | None = None  # measured wall time of (preconditioned) gmres (best seen)
+    dense: list[float] = field(default_factory=list)  # measured wall times of dense
+    gmres: list[float] = field(default_factory=list)  # … of (preconditioned) gmres
     iters: int | None = None  # operator applications gmres needed last time
 
 
@@ -221,7 +221,7 @@ def _probe(matvec: MatVec, b: Tensor) -> _Costs:
     nl, Bl = min(n, 128), max(1, min(B, int(2e7 // max(1, min(n, 128) ** 3))))
     M = torch.eye(nl, dtype=dt, device=dev).expand(Bl, nl, nl) + 1e-3
     _, tl = _timed(lambda: torch.linalg.lu_factor_ex(M), dev)
-    lu = 4.0 * tl * (B * n ** 3) / (Bl * nl ** 3)  # LU + rcond + residual: ≈ 4 LUs
+    lu = 2.0 * tl * (B * n ** 3) / (Bl * nl ** 3)  # LU, then rcond + residual: ≈ 2 LUs
     # GMRES's own kernels: two bmm + two baddbmm at half a restart's basis, ~40 small ops
     kb = max(1, min(n, AUTO_GMRES_ITERS_GUESS) // 2)
     V = b.new_ones(B, kb, n)
@@ -236,10 +236,24 @@ def _probe(matvec: MatVec, b: Tensor) -> _Costs:
 
 
 def _estimates(c: _Costs, n: int) -> tuple[float, float]:
-    dense_t = c.dense if c.dense is not None else c.vjp + (n - 1) * c.col + c.lu
+    """(dense, gmres) seconds: the fastest measured run where there is one, else the model."""
+    dense_t = min(c.dense) if c.dense else c.vjp + (n - 1) * c.col + c.lu
     k = c.iters if c.iters is not None else min(n, AUTO_GMRES_ITERS_GUESS) + 2
-    gmres_t = c.gmres if c.gmres is not None else k * (c.vjp + c.over)
+    gmres_t = min(c.gmres) if c.gmres else k * (c.vjp + c.over)
     return dense_t, gmres_t
+
+
+def _choose_dense(c: _Costs, n: int) -> bool:
+    """The cheaper by :func:`_estimates`, except that the other one is tried once while it is
+    unmeasured and estimated within 2× of the choice, and once more while its single
+    measurement is within 1.5× (one run slowed by the machine's load must not decide)."""
+    dense_t, gmres_t = _estimates(c, n)
+    use_dense = dense_t <= gmres_t
+    other, other_t, best_t = (c.gmres, gmres_t, dense_t) if use_dense else (c.dense, dense_t,
+                                                                            gmres_t)
+    if (not other and other_t < 2.0 * best_t) or (len(other) == 1 and other_t < 1.5 * best_t):
+        use_dense = not use_dense
+    return use_dense
 
 
 def auto(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e-10,
@@ -254,9 +268,10 @@ def auto(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e
     the measured cost of a further column) + the LU (timed at a capped size, scaled by
     ``B·n³``); GMRES ≈ (iterations + 2) × (one application + its orthogonalisation). The
     iteration count is a guess (:data:`AUTO_GMRES_ITERS_GUESS`) until GMRES has run on the
-    step, then the last count. Each solve's measured wall time replaces its estimate, and the
-    other method is tried once while its estimate is within 1.5× of the measured one, so from
-    the third call on the choice rests on measurements. Dense is never used beyond
+    step, then the last count. Measured wall times (the fastest of the last five runs) replace
+    the estimates, and the method not chosen is tried while it is close
+    (:func:`_choose_dense`), so after at most two such tries the choice rests on measurements
+    of both. Dense is never used beyond
     :data:`AUTO_DENSE_MAX_ELEMENTS` (memory). The probes (two operator applications and one
     batched application of a few columns) count in ``info.n_matvec``.
     """
@@ -275,19 +290,12 @@ def auto(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e
         if len(_AUTO_CACHE) > 256:
             _AUTO_CACHE.clear()
         _AUTO_CACHE[key] = c
-    dense_t, gmres_t = _estimates(c, n)
-    use_dense = dense_t <= gmres_t
-    # explore: the other method once, while its estimate is close to the measured choice
-    if use_dense and c.dense is not None and c.gmres is None and gmres_t < 1.5 * c.dense:
-        use_dense = False
-    elif not use_dense and c.gmres is not None and c.dense is None and dense_t < 1.5 * c.gmres:
-        use_dense = True
-    if use_dense:
+    if _choose_dense(c, n):
         (x, info), t = _timed(lambda: dense(matvec, b, x0=x0, tol=tol, maxiter=maxiter), b.device)
-        c.dense = t if c.dense is None else min(c.dense, t)
+        c.dense = (c.dense + [t])[-5:]
     else:
         (x, info), t = _timed(run_gmres, b.device)
-        c.gmres = t if c.gmres is None else min(c.gmres, t)
+        c.gmres = (c.gmres + [t])[-5:]
         c.iters = info.n_matvec
     info.n_matvec += n_probe
     return x, info

@@ -245,13 +245,12 @@ def _estimates(c: _Costs, n: int) -> tuple[float, float]:
 
 def _choose_dense(c: _Costs, n: int) -> bool:
     """The cheaper by :func:`_estimates`, except that the other one is tried once while it is
-    unmeasured and estimated within 2× of the choice, and once more while its single
-    measurement is within 1.5× (one run slowed by the machine's load must not decide)."""
+    unmeasured and estimated within 2× of the choice."""
     dense_t, gmres_t = _estimates(c, n)
     use_dense = dense_t <= gmres_t
     other, other_t, best_t = (c.gmres, gmres_t, dense_t) if use_dense else (c.dense, dense_t,
                                                                             gmres_t)
-    if (not other and other_t < 2.0 * best_t) or (len(other) == 1 and other_t < 1.5 * best_t):
+    if not other and other_t < 2.0 * best_t:
         use_dense = not use_dense
     return use_dense
 
@@ -269,11 +268,12 @@ def auto(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e
     ``B·n³``); GMRES ≈ (iterations + 2) × (one application + its orthogonalisation). The
     iteration count is a guess (:data:`AUTO_GMRES_ITERS_GUESS`) until GMRES has run on the
     step, then the last count. Measured wall times (the fastest of the last five runs) replace
-    the estimates, and the method not chosen is tried while it is close
-    (:func:`_choose_dense`), so after at most two such tries the choice rests on measurements
-    of both. Dense is never used beyond
-    :data:`AUTO_DENSE_MAX_ELEMENTS` (memory). The probes (two operator applications and one
-    batched application of a few columns) count in ``info.n_matvec``.
+    the estimates (the first call's, which also probes, is not kept), and the method not
+    chosen is tried once while it is unmeasured and estimated within 2× of the choice, so from
+    the third or fourth call on the choice rests on measurements of both where they are close.
+    Dense is never used beyond :data:`AUTO_DENSE_MAX_ELEMENTS` (memory). The probes (two
+    operator applications and one batched application of a few columns) count in
+    ``info.n_matvec``.
     """
     _check_b(b, "auto")
     B, n = b.shape
@@ -290,12 +290,13 @@ def auto(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e
         if len(_AUTO_CACHE) > 256:
             _AUTO_CACHE.clear()
         _AUTO_CACHE[key] = c
+    # the probing call runs cold (caches, allocator): its time is not kept
     if _choose_dense(c, n):
         (x, info), t = _timed(lambda: dense(matvec, b, x0=x0, tol=tol, maxiter=maxiter), b.device)
-        c.dense = (c.dense + [t])[-5:]
+        c.dense = c.dense if n_probe else (c.dense + [t])[-5:]
     else:
         (x, info), t = _timed(run_gmres, b.device)
-        c.gmres = (c.gmres + [t])[-5:]
+        c.gmres = c.gmres if n_probe else (c.gmres + [t])[-5:]
         c.iters = info.n_matvec
     info.n_matvec += n_probe
     return x, info

@@ -35,6 +35,9 @@ def test_portfolio_tiny_consistent(tmp_path):
                 assert min(r["metric"]) >= -1e-7, (deg, name)
                 ep = sz["unroll_epochs"] if name.startswith("unrolled") else sz["epochs"]
                 assert len(r["metric"]) == ep + 1 and len(r["epoch_s"]) == ep
+            for r in rs:  # post-training diagnostics of the decisions x*(ĉ)
+                assert r["extra"]["scale"] > 0 and r["extra"]["support"] >= 1
+                assert 0 <= r["extra"]["risk_active"] <= 1
         ck = res.data["grad_check"][deg]
         # folded (both subproblems) and unrolled-to-convergence SQP vs central differences
         assert ck["folded SQP"] < 1e-5 and ck["folded SQP (ADMM subproblem)"] < 1e-5

@@ -266,7 +266,7 @@ def test_auto_follows_its_cost_model_then_its_measurements():
     del _AUTO_CACHE[key]
 
 
-def test_auto_measures_on_first_call_and_caps_dense_memory():
+def test_auto_measures_on_first_call_and_caps_dense_memory(monkeypatch):
     from fold_plugins.solvers import _AUTO_CACHE
 
     A, b = contraction_system(B=2, n=12)
@@ -276,8 +276,9 @@ def test_auto_measures_on_first_call_and_caps_dense_memory():
     assert c.vjp > 0 and c.lu > 0 and not c.dense and not c.gmres  # probing call not kept
     assert torch.allclose(x, torch.linalg.solve(A, b), atol=1e-10)
     assert op.calls >= 2  # the probes are real applications, counted
-    # past the memory cap dense is never considered, whatever the costs
-    n = int((fp.solvers.AUTO_DENSE_MAX_ELEMENTS) ** 0.5) + 1
+    # past the memory cap dense is never considered, whatever the costs (cap lowered here)
+    monkeypatch.setattr(fp.solvers, "AUTO_DENSE_MAX_ELEMENTS", 30 * 30)
+    n = 31
     A2, b2 = contraction_system(B=1, n=n, rho=0.5, seed=2)
     x2, info2 = fp.solvers.auto(MatOp(A2), b2, tol=1e-12)
     assert info2.solver == "gmres" and bool(info2.converged.all())

@@ -42,6 +42,7 @@ from ..measure import MemoryStats, Stopwatch, Timing, measure_memory, time_phase
 from ..problems import QP, exact_solution, make_qp, max_rel_err, solve_qp, unroll, vjp_truth
 from ..progress import bar
 from ..report import SuiteResult, fmt_bytes, fmt_err, fmt_ms, fmt_ratio, save_figure, table
+from ._scaling_targets import floor_markdown
 
 TITLE = "3. Scaling: backward time and peak memory vs size and batch"
 INTRO = ("Measures what the gradients cost: time and memory of the folded backward against "
@@ -236,7 +237,8 @@ def run(cfg: Config) -> SuiteResult:
     res.data["vjp_seconds"] = {f"n={n},B={b}": t for (n, b), t in vjp_s.items()}
     # each part guarded: a failure is recorded and the measured numbers are still written
     parts = (("markdown", lambda: setattr(res, "markdown", _markdown(results, methods, points)
-                                          + _floor_markdown(results, vjp_s, points, res.data))),
+                                          + floor_markdown(results, vjp_s, points, res.data,
+                                                           _cell_missing))),
              ("general QP", lambda: _general_qp_section(res, cfg)),
              ("plot", lambda: res.figures.append(_plot(results, methods, size_sweep,
                                                        batch_sweep, cfg))),
@@ -412,67 +414,6 @@ def _headline(results: dict, methods: list[Method], points: list[tuple[int, int]
                     + ", ".join(parts) + f"; vs folded gmres at gradient error "
                     f"{fmt_err(base.error)}{_flag(base)}"]
     return []
-
-
-#: (auto is left out: its timed calls may mix dense and gmres while it measures both)
-FLOOR_METHODS = ("folded gmres", "folded fixed_point")
-#: speed targets quoted with their status: GMRES backward ÷ VJP floor at n ≥ 100, and
-#: auto ÷ the better of dense and gmres over the grid
-FLOOR_TARGET, AUTO_TARGET = 1.5, 1.2
-
-
-def _floor_markdown(results: dict, vjp_s: dict, points: list[tuple[int, int]], data: dict
-                    ) -> str:
-    """The VJP-floor table and the status of the floor and auto targets."""
-    rows, gm_ratios, auto_ratios = [], [], []
-    for n, b in points:
-        row, t1 = results[(n, b)], vjp_s.get((n, b))
-        cells: list = [n, b, f"{t1 * 1e6:.0f}" if t1 else "—"]
-        for name in FLOOR_METHODS:
-            p = row.get(name)
-            if p is None or p.timing is None or p.matvecs is None or not t1:
-                cells.append(_cell_missing(p) or "—")
-                continue
-            bw = p.timing.median("backward")
-            if "dense" in p.solver_ran:
-                cells.append(f"{fmt_ms(bw)} (dense: one batched VJP)")
-                continue
-            ratio = bw / (p.matvecs * t1)
-            cells.append(f"{fmt_ms(bw)} / {p.matvecs} / {fmt_ms(p.matvecs * t1)} / "
-                         f"{ratio:.2f}×")
-            if name == "folded gmres" and n >= 100:
-                gm_ratios.append(((n, b), ratio))
-        best = [row.get(k) for k in ("folded gmres", "folded dense")]
-        au = row.get("folded auto")
-        if au and au.timing and all(q and q.timing for q in best):
-            r = au.timing.median("backward") / min(q.timing.median("backward") for q in best)
-            first = au.solver_ran.removeprefix("auto (").removesuffix(")")
-            auto_ratios.append(((n, b), r, first))
-            cells.append(f"{r:.2f}× (first call: {first})")
-        else:
-            cells.append("—")
-        rows.append(cells)
-    md = ["", "**VJP floor** (backward ms / #VJPs / floor = #VJPs × one VJP, ms / backward ÷ "
-          "floor):", "",
-          table(["n", "B", "one VJP µs"] + list(FLOOR_METHODS)
-                + ["auto ÷ min(dense, gmres) backward"], rows)]
-    status = []
-    if gm_ratios:
-        (wn, wb), worst = max(gm_ratios, key=lambda t: t[1])
-        met = worst <= FLOOR_TARGET
-        status.append(f"- GMRES backward ≤ {FLOOR_TARGET}× the VJP floor at n ≥ 100: "
-                      f"{'met' if met else 'not met'} (worst {worst:.2f}× at n={wn}, B={wb})")
-        data["target_gmres_floor"] = {"worst": worst, "met": met}
-    if auto_ratios:
-        (wn, wb), worst, ran = max(auto_ratios, key=lambda t: t[1])
-        met = worst <= AUTO_TARGET
-        status.append(f"- auto backward ≤ {AUTO_TARGET}× the better of dense and gmres over "
-                      f"the grid: {'met' if met else 'not met'} (worst {worst:.2f}× at n={wn}, "
-                      f"B={wb}; its first call there ran {ran})")
-        data["target_auto"] = {"worst": worst, "met": met}
-    if status:
-        md += ["", "Targets (this run):"] + status
-    return "\n".join(md)
 
 
 def _general_qp_section(res: SuiteResult, cfg: Config) -> None:

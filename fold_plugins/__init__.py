@@ -24,6 +24,7 @@ __all__ = [
     "FoldInfo",
     "diagnostics",
     "fold",
+    "preconditioners",
     "projections",
     "prox",
     "solvers",
@@ -34,8 +35,8 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # cones, steps, projections, prox and verify are imported on first use (they are larger)
-    if name in ("cones", "steps", "projections", "prox", "verify"):
+    # these submodules are imported on first use (they are larger)
+    if name in ("cones", "preconditioners", "steps", "projections", "prox", "verify"):
         import importlib
 
         mod = importlib.import_module(f".{name}", __name__)

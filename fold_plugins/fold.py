@@ -189,8 +189,10 @@ def fold(step: Callable, x_star: State, *params: Any, solver: str | Callable = "
             is ignored (detached).
         *params: tensors the step depends on explicitly (any other values pass through).
         solver: backward solver: ``"gmres"`` (default), ``"bicgstab"``, ``"dense"``,
-            ``"fixed_point"`` (what unrolling computes), ``"auto"`` (dense for small
-            states, else gmres), or a callable with the :mod:`fold_plugins.solvers` protocol.
+            ``"fixed_point"`` (what unrolling computes), ``"auto"`` (dense or GMRES from a
+            cost model measured per step), or a callable with the :mod:`fold_plugins.solvers`
+            protocol. Every derivative mode uses it: backward, double backward (one more
+            solve with ``I − Φ``) and forward mode.
         tol: relative residual per instance for the backward solve (floored at 50·eps).
         maxiter: backward iteration cap (solver default when ``None``).
         batched: dim 0 of every state tensor is the batch; each instance's system is solved
@@ -199,7 +201,9 @@ def fold(step: Callable, x_star: State, *params: Any, solver: str | Callable = "
         return_info: also return a :class:`FoldInfo` (backward fields filled by backward).
         fixed_point_tol: warn when ``‖U(x*) − x*‖ / (1+‖x*‖)`` exceeds it (default
             :func:`default_fixed_point_tol`): the gradient is then biased.
-        solver_options: extra keywords for the solver (e.g. ``{"restart": 30}``).
+        solver_options: extra keywords for the solver (e.g. ``{"restart": 30}``, or
+            ``{"preconditioner": pc}`` for gmres/bicgstab/auto, see
+            :mod:`fold_plugins.preconditioners`); checked against the solver at the call.
         info: a :class:`FoldInfo` to fill in (adapters pass one with forward fields set).
 
     Returns:

@@ -113,11 +113,21 @@ class Linearization:
     """
 
     def __init__(self, step: Callable, x_parts: tuple[Tensor, ...], params: tuple[Any, ...],
-                 batched: bool, tuple_state: bool):
+                 batched: bool, tuple_state: bool, graph: bool = True):
         self.spec = _Spec(x_parts, batched)
         self.tuple_state = tuple_state
         #: identifies the step's code across calls (``solver="auto"`` caches its costs by it)
         self.step_key = _step_key(step)
+        self._jt: tuple[Tensor, Tensor] | None = None
+        if not graph:  # value and residual only (fold under no_grad): no graph, no recording
+            self.x_parts = tuple(t.detach() for t in x_parts)
+            with torch.no_grad(), _record.collect() as notes:
+                out = step(tuple(self.x_parts) if tuple_state else self.x_parts[0], *params)
+            self.notes = notes
+            self.out_parts = self._check_output(out)
+            self._diff, self.explicit, self.captured, self.inputs = [], [], [], []
+            self.complete, self._unreached = True, ([], [])
+            return
         self.x_parts = tuple(t.detach().requires_grad_(True) for t in x_parts)
         recorder = StepRecorder(self.x_parts, params)
         try:
@@ -151,7 +161,6 @@ class Linearization:
         self._unreached = ([i for i, p in enumerate(params) if isinstance(p, Tensor)
                             and p.requires_grad and id(p) not in walk.reached],
                            [t for t in captured if id(t) not in walk.reached])
-        self._jt: tuple[Tensor, Tensor] | None = None
 
     def _check_output(self, out: Any) -> tuple[Tensor, ...]:
         return check_step_output(out, self.x_parts, self.tuple_state)
@@ -293,10 +302,12 @@ class _IminusPhiT:
         return V - self.lin.vjp_batched(V)
 
 
-def linearize(step: Callable, x_star: State, *params: Any, batched: bool = True) -> Linearization:
-    """Validate inputs and take one differentiable step at ``x_star`` (a :class:`Linearization`)."""
+def linearize(step: Callable, x_star: State, *params: Any, batched: bool = True,
+              graph: bool = True) -> Linearization:
+    """Validate inputs and take one differentiable step at ``x_star`` (a :class:`Linearization`;
+    ``graph=False``: the step's value only, for a fold that will not be differentiated)."""
     if not callable(step):
         raise FoldError(f"step must be callable step(x, *params) -> x, got {type(step).__name__}.")
     x_parts, tuple_state = as_parts(x_star, "x_star")
     _validate(x_parts, params, batched, tuple_state)
-    return Linearization(step, x_parts, params, batched, tuple_state)
+    return Linearization(step, x_parts, params, batched, tuple_state, graph)

@@ -210,7 +210,9 @@ def fold(step: Callable, x_star: State, *params: Any, solver: str | Callable = "
         A tensor (tuple) equal to ``x_star`` bit for bit; with ``return_info``, ``(x, info)``.
     """
     _check_options(tol, maxiter, fixed_point_tol, batched, solver, solver_options)
-    lin = linearize(step, x_star, *params, batched=batched)
+    from torch.autograd import forward_ad
+    graph = torch.is_grad_enabled() or forward_ad._current_level >= 0
+    lin = linearize(step, x_star, *params, batched=batched, graph=graph)
     info = info if info is not None else FoldInfo()
     info.batch_size = lin.spec.B
     if lin.spec.B == 0 or lin.spec.n == 0:  # nothing to solve: an empty result, no graph

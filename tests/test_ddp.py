@@ -82,18 +82,23 @@ def _free_port() -> int:
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
 def test_folded_loop_under_ddp_matches_single_process_global_batch():
-    # fork (the parent has torch imported already): spawning two fresh interpreters costs
-    # ~20 s of imports on a small machine; nothing here touches CUDA
-    ctx = mp.get_context("fork")
-    out = ctx.SimpleQueue()
+    # spawn, not fork: a forked child inherits the parent's OpenMP/gloo thread state and can
+    # hang (seen once in CI on 2 cores); fresh interpreters cost a few seconds of imports
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, port, out)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    got = dict(out.get() for _ in range(2))
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0, p.exitcode
+    try:
+        for p in procs:
+            p.start()
+        got = dict(out.get(timeout=180) for _ in range(2))  # a dead worker fails, not hangs
+        for p in procs:
+            p.join(timeout=120)
+            assert p.exitcode == 0, p.exitcode
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
     model = Model()
     feats, target = _data()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -30,7 +30,7 @@ from ..config import Config
 from ..progress import bar
 from ..report import SuiteResult, fmt_err, save_figure, table
 
-TITLE = "AC optimal power flow (pglib case57): folded SQP vs two-stage"
+TITLE = "8. AC optimal power flow (pglib case57): folded SQP vs two-stage"
 
 
 def _sizes(cfg: Config) -> tuple[int, int, int]:

@@ -38,7 +38,7 @@ from ..config import Config
 from ..measure import Stopwatch, measure_memory, time_phases
 from ..report import SuiteResult, fmt_bytes, fmt_err, fmt_ms, fmt_ratio, save_figure, table
 
-TITLE = "cvxpylayers: FoldedSolver as CvxpyLayer's solver"
+TITLE = "10. cvxpylayers: FoldedSolver as CvxpyLayer's solver"
 INTRO = ("Switches an existing CvxpyLayer to the folded backward with one keyword "
          "(solver=FoldedSolver()) and measures time, memory and gradient error against "
          "cvxpylayers' own backends on LP, QP, SOCP and exponential-cone layers.")
@@ -246,6 +246,14 @@ def run(cfg: Config) -> SuiteResult:
                          fmt_ms(r["total"]), f"{ratio('backward')} / {ratio('total')}",
                          fmt_err(r["error"]), fmt_bytes(r["memory"])])
     res.data = {"points": data}
+    for key, point in data.items():  # one headline per problem: FoldedSolver vs the default
+        base, ours = point.get(BASELINE, {}), point.get("FoldedSolver", {})
+        if "backward" in base and "backward" in ours:
+            bwd = fmt_ratio(base["backward"] / ours["backward"])
+            res.headline.append(
+                f"{key}: cvxpylayers ÷ FoldedSolver backward {bwd}, "
+                f"forward+backward {fmt_ratio(base['total'] / ours['total'])}; gradient error "
+                f"{fmt_err(ours['error'])} (cvxpylayers {fmt_err(base['error'])})")
     res.markdown = (
         "Times are medians (ms, one thread); ratios are cvxpylayers (default) ÷ method, for the "
         "backward and for forward + backward; gradient error is the worst instance's relative "

@@ -30,7 +30,7 @@ from ..config import Config
 from ..progress import bar
 from ..report import SuiteResult, fmt_err, fmt_ratio, save_figure, table
 
-TITLE = "Top-k multilabel with the k-subset (LML) layer (digits stand-in)"
+TITLE = "9. Top-k multilabel with the k-subset (LML) layer (digits stand-in)"
 MAIN = ("cross-entropy", "LML (closed form)", "folded k-subset (binary H)")
 XLOGX = ("closed form (−x log x)", "folded k-subset (−x log x)")
 CVX = "cvxpylayers (exp cone)"

@@ -31,7 +31,7 @@ from ..experiments.training import Run, mean_std, mlp, plot_curves, summary_rows
 from ..progress import bar
 from ..report import SuiteResult, table
 
-TITLE = "8. Nonconvex decision-focused learning (DC3 nonconvex QP, Ipopt forward)"
+TITLE = "7. Nonconvex decision-focused learning (DC3 nonconvex QP, Ipopt forward)"
 #: printed by ``--paper-scale`` before it starts
 PAPER_EXPECTED = ("≈ 1 day on 2 cores "
                   "(8,334 instances × 30 epochs × 3 seeds, one Ipopt solve per sample per epoch; "

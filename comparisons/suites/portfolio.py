@@ -34,7 +34,7 @@ from ..experiments.training import Run, mean_std, mlp, plot_curves, summary_rows
 from ..progress import bar
 from ..report import SuiteResult, table
 
-TITLE = "6. Decision-focused portfolio with a risk constraint (folded SQP)"
+TITLE = "5. Decision-focused portfolio with a risk constraint (folded SQP)"
 
 N_ASSETS, N_FEAT, TAU = 50, 5, 0.1
 #: printed by ``--paper-scale`` before it starts

@@ -35,7 +35,7 @@ from ..experiments.tv import cvxpy_tv_layer, folded_tv, tv_loss, unrolled_tv
 from ..progress import bar
 from ..report import SuiteResult, table
 
-TITLE = "7. TV denoising with a learned operator D (folded FDPG)"
+TITLE = "6. TV denoising with a learned operator D (folded FDPG)"
 
 LAM, PENALTY, LR = 13.0, 0.01, 1e-2
 LAM_GRID = (3.0, 6.0, 9.0, 13.0, 18.0, 25.0)

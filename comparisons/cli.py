@@ -1,6 +1,6 @@
 """``python -m comparisons``: run the suites, write ``<out>/report.md`` (+ PNGs, results.json).
 
-    python -m comparisons                 # --quick (default): < 10 min on 2 cores
+    python -m comparisons                 # --quick (default): ≈ 6 min on 2 cores
     python -m comparisons --full          # the full sizes (a quiet machine)
     python -m comparisons --suite scaling --suite theseus --out /tmp/rep
 
@@ -54,17 +54,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 "unrolling, Theseus, cvxpylayers and diffcp.")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="mode", action="store_const", const="quick",
-                      help="small sizes, < 10 minutes on 2 cores (default)")
+                      help="small sizes, ≈ 6 minutes on a quiet 2-core machine (default)")
     size.add_argument("--full", dest="mode", action="store_const", const="full",
                       help="the full sizes (n up to 1000, batch up to 128); run on a quiet "
-                           "machine: on 2 cores theseus + learning take ~7 min and scaling "
+                           "machine: on 2 cores each learning suite takes 7–15 min and scaling "
                            "alone well over 30 min (cvxpylayers at n = 1000)")
     size.add_argument("--tiny", dest="mode", action="store_const", const="tiny",
                       help="smallest sizes (seconds): for tests and development only")
     size.add_argument("--paper-scale", dest="mode", action="store_const", const="paper",
                       help="the paper's sizes for the learning suites (portfolio, tv_denoising, "
-                           "nonconvex: hours to a day on 2 cores; the expected time is printed "
-                           "first); the other suites run at --full sizes")
+                           "nonconvex, acopf, multilabel: hours to a day on 2 cores; the "
+                           "expected time is printed first); the other suites run at --full "
+                           "sizes")
     p.set_defaults(mode="quick")
     p.add_argument("--suite", action="append", choices=SUITES, metavar="NAME",
                    help=f"run only this suite (repeatable); one of {', '.join(SUITES)}")

@@ -13,7 +13,7 @@ __all__ = ["Config", "MODES"]
 T = TypeVar("T")
 
 # ``tiny`` is for the test-suite and development (seconds); ``quick`` is the default report
-# (< 10 minutes on 2 cores); ``full`` uses the sizes the issue asks for (a quiet machine).
+# (≈ 6 minutes on 2 cores); ``full`` the suites' full sizes (a quiet machine).
 MODES = ("tiny", "quick", "full", "paper")  # paper: the paper's sizes (learning suites; hours)
 
 

@@ -73,6 +73,11 @@ def solve_xlogx(c: Tensor, k: float) -> Tensor:
         return x.clamp(max=1)
 
 
+def _weighted_simplex_vjp(d: Tensor, g: Tensor) -> Tensor:
+    """``(D − d dᵀ/1ᵀd) g`` with ``D = diag(d)``: the VJP shared by both closed forms."""
+    return d * g - d * (d * g).sum(1, keepdim=True) / d.sum(1, keepdim=True)
+
+
 class LML(torch.autograd.Function):
     """Binary-entropy k-subset layer with the closed-form backward ``(D − d dᵀ/1ᵀd) g``."""
 
@@ -87,8 +92,7 @@ class LML(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        d = x * (1 - x)
-        return d * g - d * (d * g).sum(1, keepdim=True) / d.sum(1, keepdim=True), None
+        return _weighted_simplex_vjp(x * (1 - x), g), None
 
 
 class EntropicKSubset(torch.autograd.Function):
@@ -105,8 +109,7 @@ class EntropicKSubset(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        xf = torch.where(x < 1, x, torch.zeros_like(x))
-        return xf * g - xf * (xf * g).sum(1, keepdim=True) / xf.sum(1, keepdim=True), None
+        return _weighted_simplex_vjp(torch.where(x < 1, x, torch.zeros_like(x)), g), None
 
 
 def _entropy_grad(kind: str) -> Callable[[Tensor], Tensor]:

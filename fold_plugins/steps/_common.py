@@ -231,3 +231,22 @@ def autograd_hessian(f: Callable[..., Tensor], x: Tensor, params: Sequence[Any])
         (g,) = torch.autograd.grad(val.sum(), xg, create_graph=True)
         H = autograd_jacobian(g, xg, create_graph=False)
     return 0.5 * (H + H.transpose(-1, -2)).detach()
+
+
+def check_n_grad_params(n_grad_params: Any, where: str) -> None:
+    """``n_grad_params`` of a composite step is ``None`` or an int ≥ 0 (checked at build)."""
+    if n_grad_params is not None and (not isinstance(n_grad_params, int) or n_grad_params < 0):
+        raise FoldError(f"{where}: n_grad_params must be None or an int ≥ 0, got "
+                        f"{n_grad_params!r}.")
+
+
+def split_params(params: tuple[Any, ...], n_grad_params: int | None, where: str
+                 ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """``(gradient params, the rest)``: the first ``n_grad_params`` go to the gradient, the
+    rest to the projection / prox (all to the gradient when ``None``)."""
+    if n_grad_params is None:
+        return params, ()
+    if n_grad_params > len(params):
+        raise FoldError(f"{where}: n_grad_params={n_grad_params} but the step got only "
+                        f"{len(params)} params.")
+    return params[:n_grad_params], params[n_grad_params:]

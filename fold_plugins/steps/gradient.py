@@ -25,6 +25,8 @@ from ._common import (
     autograd_hessian,
     autograd_jacobian,
     check_batch_scalar,
+    check_n_grad_params,
+    split_params,
 )
 
 __all__ = ["gradient_descent", "projected_gradient", "mirror_descent", "newton", "iterate",
@@ -145,20 +147,12 @@ def projected_gradient(grad: GradFn | None = None, projection: Callable[..., Ten
     if projection is None or not callable(projection):
         raise FoldError("projected_gradient: projection must be callable projection(y, ...) -> y, "
                         f"got {type(projection).__name__}.")
-    if n_grad_params is not None and (not isinstance(n_grad_params, int) or n_grad_params < 0):
-        raise FoldError(f"projected_gradient: n_grad_params must be None or an int ≥ 0, got "
-                        f"{n_grad_params!r}.")
+    check_n_grad_params(n_grad_params, "projected_gradient")
     g = _grad_fn(grad, objective, "projected_gradient")
 
     def step(x: Tensor, *params: Any) -> Tensor:
         _check_state(x, "projected_gradient")
-        if n_grad_params is None:
-            gp, sp = params, ()
-        else:
-            if n_grad_params > len(params):
-                raise FoldError(f"projected_gradient: n_grad_params={n_grad_params} but the step "
-                                f"got only {len(params)} params.")
-            gp, sp = params[:n_grad_params], params[n_grad_params:]
+        gp, sp = split_params(params, n_grad_params, "projected_gradient")
         a = check_batch_scalar(step_size, "step_size", x.shape[0], x, "projected_gradient")
         return projection(x - a.detach() * g(x, gp), *sp)
     return step

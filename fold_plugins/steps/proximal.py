@@ -15,7 +15,7 @@ from typing import Any
 from torch import Tensor
 
 from .._errors import FoldError
-from ._common import check_batch_scalar
+from ._common import check_batch_scalar, check_n_grad_params, split_params
 from .gradient import GradFn, _check_state, _grad_fn
 
 __all__ = ["proximal_gradient"]
@@ -67,20 +67,12 @@ def proximal_gradient(grad: GradFn | None = None, prox: Callable[..., Tensor] | 
         raise FoldError("proximal_gradient: prox must accept the keyword scaling=α (the step "
                         "size; it returns prox_{α·g}(y)); wrap yours, e.g. "
                         "lambda y, scaling: my_prox(y, scaling * lam).")
-    if n_grad_params is not None and (not isinstance(n_grad_params, int) or n_grad_params < 0):
-        raise FoldError(f"proximal_gradient: n_grad_params must be None or an int ≥ 0, got "
-                        f"{n_grad_params!r}.")
+    check_n_grad_params(n_grad_params, "proximal_gradient")
     g = _grad_fn(grad, objective, "proximal_gradient")
 
     def step(x: Tensor, *params: Any) -> Tensor:
         _check_state(x, "proximal_gradient")
-        if n_grad_params is None:
-            gp, pp = params, ()
-        else:
-            if n_grad_params > len(params):
-                raise FoldError(f"proximal_gradient: n_grad_params={n_grad_params} but the step "
-                                f"got only {len(params)} params.")
-            gp, pp = params[:n_grad_params], params[n_grad_params:]
+        gp, pp = split_params(params, n_grad_params, "proximal_gradient")
         a = check_batch_scalar(step_size, "step_size", x.shape[0], x, "proximal_gradient")
         a = a.detach()
         return prox(x - a * g(x, gp), *pp, scaling=a)

@@ -209,6 +209,7 @@ def test_coupled_batch_is_refused_and_batched_false_is_exact():
     assert _rel(cc.grad, c2.grad) < 1e-10
 
 
+@pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace")  # the graph break
 def test_torch_compile_runs_fold_with_graph_breaks_and_same_gradient():
     # dynamo cannot trace fold's data-dependent checks: it breaks the graph there and runs
     # fold eagerly (backend "eager" keeps the test fast; the semantics are dynamo's)

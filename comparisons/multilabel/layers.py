@@ -78,38 +78,40 @@ def _weighted_simplex_vjp(d: Tensor, g: Tensor) -> Tensor:
     return d * g - d * (d * g).sum(1, keepdim=True) / d.sum(1, keepdim=True)
 
 
-class LML(torch.autograd.Function):
-    """Binary-entropy k-subset layer with the closed-form backward ``(D − d dᵀ/1ᵀd) g``."""
+class _ClosedFormKSubset(torch.autograd.Function):
+    """A k-subset layer: ``solve(c, k)`` forward, ``(D − d dᵀ/1ᵀd) g`` backward with the
+    subclass's weights ``d = weights(x)``."""
 
-    @staticmethod
-    def forward(c: Tensor, k: float) -> Tensor:  # type: ignore[override]
-        return solve_binary(c, k)
+    solve: Callable[[Tensor, float], Tensor]
+    weights: Callable[[Tensor], Tensor]
 
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        ctx.save_for_backward(output)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        return _weighted_simplex_vjp(x * (1 - x), g), None
-
-
-class EntropicKSubset(torch.autograd.Function):
-    """``−x log x`` k-subset layer with its closed-form backward on the free set."""
-
-    @staticmethod
-    def forward(c: Tensor, k: float) -> Tensor:  # type: ignore[override]
-        return solve_xlogx(c, k)
+    @classmethod
+    def forward(cls, c: Tensor, k: float) -> Tensor:  # type: ignore[override]
+        return cls.solve(c, k)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
         ctx.save_for_backward(output)
 
-    @staticmethod
-    def backward(ctx, g: Tensor):  # type: ignore[override]
+    @classmethod
+    def backward(cls, ctx, g: Tensor):  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        return _weighted_simplex_vjp(torch.where(x < 1, x, torch.zeros_like(x)), g), None
+        return _weighted_simplex_vjp(cls.weights(x), g), None
+
+
+class LML(_ClosedFormKSubset):
+    """Binary-entropy k-subset layer (LML) with the closed-form backward, ``d = x(1 − x)``."""
+
+    solve = staticmethod(solve_binary)
+    weights = staticmethod(lambda x: x * (1 - x))
+
+
+class EntropicKSubset(_ClosedFormKSubset):
+    """``−x log x`` k-subset layer with its closed-form backward on the free set (``d = x``
+    where ``x < 1``)."""
+
+    solve = staticmethod(solve_xlogx)
+    weights = staticmethod(lambda x: torch.where(x < 1, x, torch.zeros_like(x)))
 
 
 def _entropy_grad(kind: str) -> Callable[[Tensor], Tensor]:

@@ -285,20 +285,14 @@ def _targets(data: dict) -> str:
             ok = r[0] >= 10 and r[1] <= 1e-8
             lines.append(f"- backward ≥10× faster at {key}, error ≤1e-8: {fmt_ratio(r[0])}, "
                          f"error {fmt_err(r[1])} — {'met' if ok else 'not met'}\n")
-    r = ratio("QP n=200 B=64", "FoldedSolver torch", "total")
-    if r:
-        lines.append(f"- forward+backward (forward='torch') ≥20× faster at QP n=200 B=64: "
-                     f"{fmt_ratio(r[0])} — {'met' if r[0] >= 20 else 'not met'}\n")
-    else:
-        lines.append("- forward+backward (forward='torch') ≥20× faster at QP n=200 B=64: not "
-                     "measured in this mode (`--full` runs it)\n")
-    r = ratio("QP n=500 B=16", "FoldedSolver", "memory")
-    if r:
-        lines.append(f"- peak backward memory ≥50× below at QP n=500 B=16: {fmt_ratio(r[0])} — "
-                     f"{'met' if r[0] >= 50 else 'not met'}\n")
-    else:
-        lines.append("- peak backward memory ≥50× below at QP n=500 B=16: not measured in this "
-                     "mode (`--full` runs it)\n")
+    for key, method, phase, what, bound in (
+            ("QP n=200 B=64", "FoldedSolver torch", "total",
+             "forward+backward (forward='torch') ≥20× faster", 20),
+            ("QP n=500 B=16", "FoldedSolver", "memory", "peak backward memory ≥50× below", 50)):
+        r = ratio(key, method, phase)
+        verdict = (f"{fmt_ratio(r[0])} — {'met' if r[0] >= bound else 'not met'}" if r
+                   else "not measured in this mode (`--full` runs it)")
+        lines.append(f"- {what} at {key}: {verdict}\n")
     return "".join(lines) if len(lines) > 1 else ""
 
 

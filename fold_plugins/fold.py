@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import _record
 from ._adjoint import Adjoint, FoldVJP
@@ -210,7 +211,6 @@ def fold(step: Callable, x_star: State, *params: Any, solver: str | Callable = "
         A tensor (tuple) equal to ``x_star`` bit for bit; with ``return_info``, ``(x, info)``.
     """
     _check_options(tol, maxiter, fixed_point_tol, batched, solver, solver_options)
-    from torch.autograd import forward_ad
     graph = torch.is_grad_enabled() or forward_ad._current_level >= 0
     lin = linearize(step, x_star, *params, batched=batched, graph=graph)
     info = info if info is not None else FoldInfo()
@@ -231,10 +231,10 @@ def fold(step: Callable, x_star: State, *params: Any, solver: str | Callable = "
     if excluded is not None:
         info.extra["nonfinite_step"] = excluded
     x_values = tuple(t.detach() for t in lin.x_parts)
-    if torch.is_grad_enabled() or _forward_ad_active(params, lin):
+    tangents = _forward_ad_active(params, lin)
+    if torch.is_grad_enabled() or tangents:
         lin.warn_unreached()
-    if not (torch.is_grad_enabled() and lin.requires_grad) and not _forward_ad_active(params,
-                                                                                      lin):
+    if not (torch.is_grad_enabled() and lin.requires_grad) and not tangents:
         out = tuple(x.clone() for x in x_values)
     else:
         adj = Adjoint(lin, solver, tol, maxiter, strict, info, dict(solver_options or {}))
@@ -247,7 +247,6 @@ def fold(step: Callable, x_star: State, *params: Any, solver: str | Callable = "
 
 def _forward_ad_active(params: tuple[Any, ...], lin: Linearization) -> bool:
     """Whether some input carries a forward-mode tangent (``torch.autograd.forward_ad``)."""
-    from torch.autograd import forward_ad
     if forward_ad._current_level < 0:
         return False
     return any(forward_ad.unpack_dual(t).tangent is not None

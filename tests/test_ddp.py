@@ -4,6 +4,7 @@ in one process; the averaged gradients must agree to 1e-12 (float64)."""
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -69,8 +70,15 @@ def _worker(rank: int, port: int, out) -> None:
                 # numpy pickles by value (torch would share memory the worker then frees)
                 out.put((it, {k: p.grad.numpy().copy() for k, p in model.named_parameters()}))
             opt.step()
+        dist.barrier()  # both ranks done before either tears gloo down
     finally:
         dist.destroy_process_group()
+    if rank == 0:
+        out.close()
+        out.join_thread()  # the results are flushed to the parent
+    # skip interpreter teardown: gloo's threads can abort there ("terminate called without an
+    # active exception", seen once in a clean-clone run), after every result is delivered
+    os._exit(0)
 
 
 def _free_port() -> int:

@@ -20,6 +20,7 @@ complementarity is checked by :func:`check_nondegenerate`.)
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +31,8 @@ from torch import Tensor
 from .config import Config
 
 __all__ = ["QP", "make_qp", "project_box", "project_simplex", "solve_qp", "exact_solution",
-           "vjp_truth", "check_nondegenerate", "unroll", "rel_err", "max_rel_err"]
+           "vjp_truth", "check_nondegenerate", "unroll", "rel_err", "max_rel_err",
+           "timed_cvxpylayer_grad"]
 
 
 def project_box(u: Tensor) -> Tensor:
@@ -274,3 +276,19 @@ def rel_err(a: Tensor, b: Tensor) -> Tensor:
 def max_rel_err(a: Tensor, b: Tensor) -> float:
     """The worst instance's relative error."""
     return float(rel_err(a.detach(), b.detach()).max())
+
+
+def timed_cvxpylayer_grad(layer: Any, q: torch.Tensor, w: torch.Tensor, solver_args: dict,
+                          sw: Any) -> torch.Tensor:
+    """Forward and backward of a one-parameter ``CvxpyLayer`` with the loss ``⟨w, x*⟩``, timed
+    on ``sw`` (laps ``"forward"``, ``"backward"``); returns ``q.grad``. cvxpylayers computes in
+    float64 on the CPU: ``q`` goes there and the solution comes back to ``q``'s device/dtype."""
+    sw.start()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"__array__ implementation")
+        (xl,) = layer(q.to("cpu", torch.float64), solver_args=solver_args)
+    xl = xl.to(q.device, q.dtype)
+    sw.lap("forward")
+    (xl * w).sum().backward()
+    sw.lap("backward")
+    return q.grad

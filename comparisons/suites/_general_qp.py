@@ -16,7 +16,6 @@ The state of the folded step is ``n_z = n + 2(m + p)``.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
@@ -24,7 +23,7 @@ from fold_plugins.steps import INF, qp, solve_qp_admm
 
 from ..config import Config
 from ..measure import Stopwatch, time_phases
-from ..problems import max_rel_err
+from ..problems import max_rel_err, timed_cvxpylayer_grad
 from ..report import fmt_err, fmt_ms, table
 
 #: speed targets: VJPs ≤ n_z/4 (preconditioned), backward ≥ 15× faster than
@@ -99,15 +98,7 @@ def _cvxpylayers(d: dict):
 
     def call(sw: Stopwatch):
         q = d["q"].clone().requires_grad_(True)
-        sw.start()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"__array__ implementation")
-            (xl,) = layer(q.to("cpu", torch.float64), solver_args=args)
-        xl = xl.to(q.device, q.dtype)
-        sw.lap("forward")
-        (xl * d["w"]).sum().backward()
-        sw.lap("backward")
-        return q.grad, None, None
+        return timed_cvxpylayer_grad(layer, q, d["w"], args, sw), None, None
     return call
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,7 +38,16 @@ import fold_plugins as fp
 
 from ..config import Config
 from ..measure import MemoryStats, Stopwatch, Timing, measure_memory, time_phases, vjp_time
-from ..problems import QP, exact_solution, make_qp, max_rel_err, solve_qp, unroll, vjp_truth
+from ..problems import (
+    QP,
+    exact_solution,
+    make_qp,
+    max_rel_err,
+    solve_qp,
+    timed_cvxpylayer_grad,
+    unroll,
+    vjp_truth,
+)
 from ..progress import bar
 from ..report import SuiteResult, fmt_bytes, fmt_err, fmt_ms, fmt_ratio, save_figure, table
 from ._scaling_targets import floor_markdown
@@ -129,15 +137,7 @@ def _cvxpylayers(solve_method: str, solver_args: dict | None = None) -> Callable
                 **(solver_args or {})}
 
         def call(q: torch.Tensor, g: torch.Tensor, sw: Stopwatch):
-            sw.start()
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=r"__array__ implementation")
-                (xl,) = layer(q.to("cpu", torch.float64), solver_args=args)
-            xl = xl.to(q.device, q.dtype)
-            sw.lap("forward")
-            (xl * g).sum().backward()
-            sw.lap("backward")
-            return q.grad, None, None
+            return timed_cvxpylayer_grad(layer, q, g, args, sw), None, None
         return call
     return prepare
 

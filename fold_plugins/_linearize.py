@@ -125,7 +125,7 @@ class Linearization:
                 out = step(tuple(self.x_parts) if tuple_state else self.x_parts[0], *params)
             self.notes = notes
             self.out_parts = self._check_output(out)
-            self._diff, self.explicit, self.captured, self.inputs = [], [], [], []
+            self._diff, self.inputs = [], []
             self.complete, self._unreached = True, ([], [])
             return
         self.x_parts = tuple(t.detach().requires_grad_(True) for t in x_parts)
@@ -148,8 +148,6 @@ class Linearization:
         explicit = [p for p in params if isinstance(p, Tensor) and p.requires_grad]
         seen = {id(p) for p in explicit}
         captured = [t for k, t in recorder.captured.items() if k not in seen]
-        self.explicit = explicit
-        self.captured = captured
         walk = reach([out_parts[i] for i in self._diff], self.x_parts, explicit + captured)
         #: tensors the output depends on: the inputs of the folded op (double backward, JVPs)
         self.inputs = [t for t in explicit + captured if id(t) in walk.reached]

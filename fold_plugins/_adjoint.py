@@ -106,10 +106,12 @@ class Adjoint:
 
         One VJP with a cotangent in instance 0 only: every other row of ``Φᵀ e₀`` must be
         exactly zero when instances are independent (autograd produces exact zeros for rows
-        that do not depend on the cotangent). Run once per linearization.
+        that do not depend on the cotangent). Run once per linearization; skipped for a step
+        that declares ``batch_independent = True`` (see :func:`fold_plugins.fold`).
         """
         lin = self.lin
-        if self._independence_checked or not lin.spec.batched or lin.spec.B < 2:
+        if self._independence_checked or not lin.spec.batched or lin.spec.B < 2 \
+                or lin.batch_independent:
             return
         self._independence_checked = True
         x0 = lin.x_parts[0]

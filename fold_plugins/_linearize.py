@@ -124,6 +124,7 @@ class Linearization:
             with torch.no_grad(), _record.collect() as notes:
                 out = step(tuple(self.x_parts) if tuple_state else self.x_parts[0], *params)
             self.notes = notes
+            self.batch_independent = getattr(step, "batch_independent", False) is True
             self.out_parts = self._check_output(out)
             self._diff, self.inputs = [], []
             self.complete, self._unreached = True, ([], [])
@@ -141,6 +142,9 @@ class Linearization:
                 ) from exc
             raise
         self.notes = notes  # what the step's building blocks reported (e.g. weakly active)
+        #: the step vouches that ∂U[i]/∂x[j] = 0 for i ≠ j (read after it ran: a step may
+        #: verify it while it runs); the backward then skips its one-VJP probe
+        self.batch_independent = getattr(step, "batch_independent", False) is True
         out_parts = self._check_output(out)
         self.out_parts = out_parts
         self._diff = [i for i, o in enumerate(out_parts) if o.requires_grad]

@@ -185,7 +185,11 @@ def fold(step: Callable, x_star: State, *params: Any, solver: str | Callable = "
     Args:
         step: one update of an iterative method, ``step(x, *params) -> x``; ``x*`` must be
             its fixed point. May capture tensors and ``nn.Module`` parameters: they get
-            gradients too. For a tuple state it takes and returns a tuple.
+            gradients too. For a tuple state it takes and returns a tuple. With
+            ``batched=True`` the backward checks once (one VJP) that the step does not mix
+            instances; a step object whose attribute ``batch_independent`` is ``True`` after
+            it ran vouches for that itself (e.g. it verified it while building its own
+            matrices) and the check is skipped.
         x_star: the solution (Tensor or tuple of Tensors), from any code; its graph, if any,
             is ignored (detached).
         *params: tensors the step depends on explicitly (any other values pass through).

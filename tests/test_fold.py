@@ -482,3 +482,40 @@ def test_user_solver_callable_with_minimal_info():
     (g,) = torch.autograd.grad(x, th, gout)
     assert torch.allclose(g, truth(gout), rtol=1e-10, atol=1e-12)
     assert info.backward_solver == "lu_solver" and bool(info.backward_converged.all())
+
+
+def test_step_that_vouches_for_batch_independence_skips_the_probe_and_stays_exact():
+    """``batch_independent = True`` on the step object: no probe VJP (one VJP fewer per
+    backward), same exact gradient; a mixing step without the attribute still raises."""
+    step, solve, truth, theta = linear_problem(seed=7)
+
+    class Counted:
+        def __init__(self, vouch):
+            self.batch_independent = vouch
+            self.vjps = 0
+
+        def __call__(self, x, th):
+            out = step(x, th)
+            out.register_hook(lambda g: setattr(self, "vjps", self.vjps + 1))
+            return out
+
+    xs = solve(theta)
+    gout = torch.randn(xs.shape, dtype=DT, generator=torch.Generator().manual_seed(1))
+    counts = {}
+    for vouch in (False, True):
+        th = theta.clone().requires_grad_(True)
+        s = Counted(vouch)
+        x, info = fp.fold(s, xs, th, solver="gmres", return_info=True)
+        x.backward(gout)
+        assert (th.grad - truth(gout)).norm() / truth(gout).norm() < 1e-10
+        counts[vouch] = s.vjps - info.backward_matvecs  # probe + the final Ψᵀv
+    assert counts == {False: 2, True: 1}
+
+    def mixing(x, th):
+        return step(x, th) + 0.1 * x.mean(0, keepdim=True)
+
+    th = theta.clone().requires_grad_(True)
+    x = fp.fold(mixing, xs, th, fixed_point_tol=float("inf"))  # x* is not its fixed point:
+    # irrelevant here, the probe runs before any solve
+    with pytest.raises(fp.FoldError, match="mixes batch instances"):
+        x.sum().backward()

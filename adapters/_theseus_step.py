@@ -19,7 +19,7 @@ from torch import Tensor
 import fold_plugins as fp
 from fold_plugins._conditioning import rcond_from_factor
 from fold_plugins._errors import instance_list
-from fold_plugins.solvers import get_solver
+from fold_plugins.solvers import SolveInfo, get_solver
 
 __all__ = ["TangentGeometry", "TangentStep", "FlooredSolver", "import_theseus"]
 
@@ -167,6 +167,9 @@ class TangentStep:
         self.illcond = torch.zeros_like(exclude)
         self.rcond: Tensor | None = None
         self.tol_floor = 0.0
+        #: set once the Hessian build has verified that no instance reads another's state
+        #: (read by fp.fold, which then skips its own one-VJP probe)
+        self.batch_independent = False
         aux = {k: v for k, v in input_tensors.items() if k in self.objective.aux_vars}
         self.x_used = [self._fill(x) for x in x_star]
         self.aux = {k: self._fill(v) for k, v in aux.items()}
@@ -182,6 +185,12 @@ class TangentStep:
         k0 = int(torch.nonzero(~bad.cpu())[0])
         mask = bad.to(t.device).reshape(self.B, *([1] * (t.ndim - 1)))
         return torch.where(mask, t[k0:k0 + 1].detach(), t)
+
+    @property
+    def phi_zero(self) -> bool:
+        """``Φ = I − H⁻¹ ∂g/∂ξ = 0`` at x* by construction: the Newton step whose ``H`` was
+        built by autograd from the very graph of ``g`` the backward differentiates."""
+        return self.kind == "newton" and self.factor is not None
 
     def matrix_name(self) -> str:
         return {"newton": "the Hessian H = ∂(Jᵀr)/∂ξ",
@@ -304,7 +313,12 @@ class TangentStep:
         Row block ``a`` of ``H`` is non-zero only in the columns of the variables that share a
         cost function with ``a``; variables whose such column sets are disjoint get one colour
         (distance-2 colouring) and are read off one VJP together, so a chain-structured problem
-        needs about ``3 · dof`` VJPs instead of ``n``.
+        needs about ``3 · dof`` VJPs instead of ``n``. All of them run as one vmapped backward
+        (``is_grads_batched``; a loop where an op has no batching rule), together with one
+        probe row whose cotangent lives in instance 0 only: every other instance's row of its
+        result must be exactly zero, or the cost functions mix instances (``H`` would then sum
+        several instances' curvature) and :class:`fp.FoldError` is raised. Having checked it,
+        the step vouches for batch independence to :func:`fp.fold` (no second probe).
         """
         B, n = g.shape
         if not g.requires_grad:
@@ -312,22 +326,32 @@ class TangentStep:
                                "the optimisation variables (no graph); nothing to fold.")
         geo = self.geo
         colors, colmask = geo.hessian_coloring()
+        plan = [(members, j) for members in colors
+                for j in range(max(geo.dofs[a] for a in members))]
+        V = g.new_zeros(len(plan) + (B > 1), B, n)
+        for r, (members, j) in enumerate(plan):
+            V[r, :, [geo.starts[a] + j for a in members if j < geo.dofs[a]]] = 1
+        if B > 1:
+            V[-1, 0] = torch.linspace(1.0, 2.0, n, dtype=g.dtype, device=g.device)
+        rows = _batched_vjp(g, xi, V)
+        self.hessian_vjps = V.shape[0]
         H = g.new_zeros(B, n, n)
-        count = 0
-        for members in colors:
-            for j in range(max(geo.dofs[a] for a in members)):
-                rows = [geo.starts[a] + j for a in members if j < geo.dofs[a]]
-                v = g.new_zeros(B, n)
-                v[:, rows] = 1
-                (r,) = torch.autograd.grad(g, xi, v, retain_graph=True, allow_unused=True)
-                count += 1
-                if r is None:
-                    continue
-                r = r.detach()
-                for a in members:
-                    if j < geo.dofs[a]:
-                        H[:, geo.starts[a] + j] = r * colmask[a]
-        self.hessian_vjps = count
+        if rows is None:  # g does not depend on ξ through a differentiable path
+            return H
+        for r, (members, j) in enumerate(plan):
+            for a in members:
+                if j < geo.dofs[a]:
+                    H[:, geo.starts[a] + j] = rows[r] * colmask[a]
+        if B > 1:
+            mixed = (rows[-1, 1:] != 0).any(dim=1)
+            if bool(mixed.any()):
+                raise fp.FoldError(
+                    "the objective's cost functions mix batch instances: ∂g[i]/∂ξ[0] ≠ 0 for "
+                    f"instance(s) {instance_list(torch.cat([mixed.new_zeros(1), mixed]))} "
+                    "(e.g. an error function that reduces over dim 0). Theseus solves every "
+                    "instance's system on its own, so such a model has no per-instance "
+                    "solution to differentiate: remove the coupling from the error function.")
+        self.batch_independent = True
         return H
 
     def _theseus_solve(self) -> Tensor:
@@ -404,6 +428,13 @@ class FlooredSolver:
 
     def __call__(self, matvec: Callable, b: Tensor, *, x0: Tensor | None = None, tol: float,
                  maxiter: int | None, **options: Any):
+        if self.__name__ == "auto" and self.step.phi_zero:
+            # (I − Φᵀ) = I exactly: v = b, no operator application (and none to judge)
+            B = b.shape[0]
+            return b.clone(), SolveInfo(
+                torch.zeros(B, dtype=torch.int64, device=b.device), torch.zeros_like(b[:, 0]),
+                torch.ones(B, dtype=torch.bool, device=b.device), 0, "none: Φ = 0",
+                extra={"not_isolated": torch.zeros(B, dtype=torch.bool, device=b.device)})
         return self.solve(matvec, b, x0=x0, tol=max(tol, self.step.tol_floor),
                           maxiter=maxiter, **options)
 
@@ -411,3 +442,20 @@ class FlooredSolver:
 def _fmt_list(t: Tensor, limit: int = 5) -> str:
     vals = [f"{v:.1e}" for v in t.detach().reshape(-1)[:limit].tolist()]
     return "[" + ", ".join(vals) + (" …]" if t.numel() > limit else "]")
+
+
+def _batched_vjp(out: Tensor, inp: Tensor, V: Tensor) -> Tensor | None:
+    """``V[k] ᵀ ∂out/∂inp`` for every ``k`` (``V``: ``(k, B, n)``), detached; one vmapped
+    backward, or one backward per row where an op of the graph has no batching rule."""
+    try:
+        with warnings.catch_warnings():  # vmap's "performance drop" notice: not the user's
+            warnings.filterwarnings("ignore", message=".*performance drop.*")
+            (R,) = torch.autograd.grad(out, inp, V, retain_graph=True, allow_unused=True,
+                                       is_grads_batched=True)
+    except RuntimeError:
+        rs = [torch.autograd.grad(out, inp, v, retain_graph=True, allow_unused=True)[0]
+              for v in V]
+        if any(r is None for r in rs):
+            return None
+        R = torch.stack(rs)
+    return None if R is None else R.detach()

@@ -30,7 +30,18 @@ called as Theseus calls them, ``linearize(_detach_hessian=True)`` then ``solve()
 the folded op solves ``(I − Φ)ᵀ v = ∂L/∂ξ`` with ``I − Φ = M⁻¹H`` at x*. Its result is the
 implicit-function-theorem gradient ``dξ*/dθ = −H⁻¹ ∂g/∂θ`` with the *full* Hessian
 ``H = JᵀJ + Σᵢ rᵢ∇²rᵢ``; Theseus's ``implicit`` mode uses ``JᵀJ`` in its place. For
-``newton`` ``Φ = 0`` and the backward solve ends after one operator application.
+``newton`` ``Φ = 0`` by construction, so the default ``backward="auto"`` skips the solve
+(``v = ∂L/∂ξ``) and the backward is one VJP of the step into the inputs — Theseus
+``implicit``'s one backward, with the full Hessian. ``H`` is built in the forward from
+colour-compressed VJPs run as one vmapped backward, which also checks that no instance reads
+another's state.
+
+Which step by default (``step="auto"``): ``newton`` with a dense linear solver when that
+compressed Hessian needs at most :data:`NEWTON_MAX_ROWS` VJP rows (small problems, and
+sparse ones whose cost functions touch few variables: the 90-dimensional SE2 pose graph needs
+9); otherwise the optimizer's own matrix (``gauss_newton`` for ``GaussNewton``/``Dogleg``,
+``levenberg_marquardt`` for ``LevenbergMarquardt``, also for every sparse linear solver)
+with a Krylov backward.
 
 Gradients reach every tensor the step touches: tensors in ``input_tensors`` (auxiliary
 variables, targets, data, cost-weight variables), cost-weight tensors held by the objective,
@@ -89,12 +100,15 @@ from ._theseus_policy import (
 from ._theseus_step import FlooredSolver, TangentGeometry, TangentStep, import_theseus
 from .base import FoldedModule
 
-__all__ = ["FoldedTheseusLayer", "STEPS", "FOLD_KWARGS"]
+__all__ = ["FoldedTheseusLayer", "STEPS", "FOLD_KWARGS", "NEWTON_MAX_ROWS"]
 
 #: step names accepted by ``FoldedTheseusLayer(step=...)`` (plus the aliases "gn", "lm").
 STEPS = ("auto", "gauss_newton", "levenberg_marquardt", "newton")
 _ALIASES = {"gn": "gauss_newton", "lm": "levenberg_marquardt", "gauss-newton": "gauss_newton",
             "levenberg-marquardt": "levenberg_marquardt"}
+#: ``step="auto"`` picks ``newton`` when its compressed Hessian needs at most this many VJP
+#: rows (one vmapped backward in the forward; the backward then needs no solve at all)
+NEWTON_MAX_ROWS = 32
 #: per-call overrides read from ``optimizer_kwargs`` and removed before Theseus sees them.
 FOLD_KWARGS = ("fold_step", "fold_backward", "fold_tol", "fold_maxiter", "fold_unconverged")
 
@@ -116,13 +130,17 @@ class FoldedTheseusLayer(FoldedModule):
         optimizer: a Theseus optimizer (``GaussNewton``, ``LevenbergMarquardt``, ``Dogleg``;
             others such as ``DCEM`` run with Theseus's own backward) or a ``th.TheseusLayer``.
         vectorize, empty_cuda_cache: as ``th.TheseusLayer`` (ignored when a layer is given).
-        backward: backward linear solver (``"gmres"``, ``"bicgstab"``, ``"dense"``,
-            ``"fixed_point"`` or a callable, see :mod:`fold_plugins.solvers`).
+        backward: backward linear solver: ``"auto"`` (default: no solve where ``Φ = 0``,
+            i.e. the ``newton`` step; otherwise dense or GMRES from the core's cost model),
+            ``"gmres"``, ``"bicgstab"``, ``"dense"``, ``"fixed_point"`` or a callable (see
+            :mod:`fold_plugins.solvers`).
         tol: relative residual of the backward solve, per instance.
         maxiter: backward iteration cap (``None``: the solver's default).
-        step: the folded update (module docstring): ``"auto"`` (Gauss-Newton for
-            ``GaussNewton``/``Dogleg``, Levenberg-Marquardt for ``LevenbergMarquardt``),
-            ``"gauss_newton"``, ``"levenberg_marquardt"`` or ``"newton"``. The LM damping
+        step: the folded update (module docstring): ``"auto"`` (``newton`` when the
+            linear solver is dense and the compressed Hessian needs ≤ :data:`NEWTON_MAX_ROWS`
+            VJP rows; else Gauss-Newton for ``GaussNewton``/``Dogleg``, Levenberg-Marquardt
+            for ``LevenbergMarquardt``), ``"gauss_newton"``, ``"levenberg_marquardt"`` or
+            ``"newton"``. Every step gives the same exact gradient. The LM damping
             ``λ`` is the *configured* one, ``optimizer_kwargs["damping"]`` (Theseus's default
             1e-3), not the optimizer's final adaptive ``λ`` (which grows by 11× per rejected
             step once converged, up to 1e7, and would make ``ρ(Φ) → 1``). The gradient does
@@ -156,7 +174,7 @@ class FoldedTheseusLayer(FoldedModule):
     """
 
     def __init__(self, optimizer: Any, vectorize: bool = True, empty_cuda_cache: bool = False,
-                 *, backward: str | Callable = "gmres", tol: float = 1e-10,
+                 *, backward: str | Callable = "auto", tol: float = 1e-10,
                  maxiter: int | None = None, step: str = "auto", unconverged: str = "unroll",
                  strict: bool = False, solver_options: dict | None = None,
                  fixed_point_tol: float | None = None):
@@ -409,9 +427,16 @@ class FoldedTheseusLayer(FoldedModule):
         return bad
 
     def _step_kind(self, name: str) -> str:
+        """The step ``name`` stands for (``"auto"``: see the module docstring)."""
         if name != "auto":
             return name
-        if isinstance(self.optimizer, import_theseus().LevenbergMarquardt):
+        th = import_theseus()
+        if isinstance(self.optimizer.linear_solver, th.DenseSolver):
+            colors, _ = self._geo.hessian_coloring()
+            rows = sum(max(self._geo.dofs[a] for a in members) for members in colors)
+            if rows <= NEWTON_MAX_ROWS:
+                return "newton"
+        if isinstance(self.optimizer, th.LevenbergMarquardt):
             return "levenberg_marquardt"
         return "gauss_newton"  # GaussNewton, Dogleg, other NLLS subclasses
 

@@ -80,6 +80,10 @@ def noise_and_gain(matvec: Callable[[Tensor], Tensor], x: Tensor, seed: int = 0
         wn > 0, wn, torch.ones_like(wn))
 
 
+#: up to this size :func:`rcond_from_factor` forms ``M⁻¹`` and is exact (cheaper than estimating)
+EXACT_RCOND_MAX_N = 16
+
+
 def rcond_from_factor(M: Tensor, how: str, F: Tensor, piv: Tensor | None) -> Tensor:
     """``(B,)`` estimate of ``1 / (‖M‖₁ ‖M⁻¹‖₁)`` from a factor of ``M`` (``(B, n, n)``).
 
@@ -91,16 +95,26 @@ def rcond_from_factor(M: Tensor, how: str, F: Tensor, piv: Tensor | None) -> Ten
     then ``M⁻¹e_j`` at ``j = argmax |z_j|``) together with Higham's alternating vector
     ``x_i ∝ (−1)ⁱ(1 + i/(n−1))``: three solves with the factor. Every probe
     ``‖M⁻¹x‖₁/‖x‖₁`` is a lower bound of ``‖M⁻¹‖₁``, so the estimate errs on the optimistic
-    side (usually within a factor 3). NaN where the factor is not usable.
+    side (usually within a factor 3). NaN where the factor is not usable. For ``n ≤``
+    :data:`EXACT_RCOND_MAX_N` ``M⁻¹`` itself is formed from the factor (one solve with ``n``
+    right-hand sides, fewer kernels than the estimator's three) and ``‖M⁻¹‖₁`` is exact.
     """
     B, n, _ = M.shape
 
     def solve(X: Tensor, adjoint: bool = False) -> Tensor:  # X: (B, n, k)
         if how == "cholesky":  # M⁻¹ = L⁻ᵀL⁻¹: two triangular solves
-            return torch.linalg.solve_triangular(
-                F.mT, torch.linalg.solve_triangular(F, X, upper=False), upper=True)
+            return torch.cholesky_solve(X, F) if X.shape[-1] == n else \
+                torch.linalg.solve_triangular(
+                    F.mT, torch.linalg.solve_triangular(F, X, upper=False), upper=True)
         return torch.linalg.lu_solve(F, piv, X, adjoint=adjoint)
 
+    norm1 = M.abs().sum(dim=-2).amax(dim=-1)
+    if n <= EXACT_RCOND_MAX_N:
+        eye = torch.eye(n, dtype=M.dtype, device=M.device).expand(B, n, n)
+        denom = norm1 * solve(eye).abs().sum(dim=-2).amax(dim=-1)
+        ok = torch.isfinite(denom) & (denom > 0)
+        return torch.where(ok, 1 / torch.where(ok, denom, torch.ones_like(denom)),
+                           torch.full_like(denom, math.nan))
     i = torch.arange(n, dtype=M.dtype, device=M.device)
     alt = (1 - 2 * (i % 2)) * (1 + i / max(n - 1, 1))
     X = torch.stack([M.new_full((n,), 1.0 / n), alt / alt.abs().sum()], dim=1)
@@ -111,7 +125,6 @@ def rcond_from_factor(M: Tensor, how: str, F: Tensor, piv: Tensor | None) -> Ten
         z = solve(torch.where(y >= 0, 1.0, -1.0).to(M.dtype).unsqueeze(2), adjoint=True)
         e = torch.zeros_like(y).scatter_(1, z.squeeze(2).abs().argmax(dim=1, keepdim=True), 1.0)
         est = torch.maximum(est, solve(e.unsqueeze(2)).abs().sum(dim=(1, 2)))
-    norm1 = M.abs().sum(dim=-2).amax(dim=-1)
     denom = norm1 * est
     ok = torch.isfinite(denom) & (denom > 0)
     return torch.where(ok, 1 / torch.where(ok, denom, torch.ones_like(denom)),

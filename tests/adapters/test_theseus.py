@@ -193,8 +193,9 @@ def registration(group: str, noise: float, linear_solver_cls=None, max_iteration
 
 @pytest.mark.parametrize("opt_cls,step", [(th.GaussNewton, "auto"),
                                           (th.LevenbergMarquardt, "auto"),
-                                          (th.GaussNewton, "newton"),
-                                          (th.Dogleg, "auto")])
+                                          (th.GaussNewton, "gauss_newton"),
+                                          (th.LevenbergMarquardt, "levenberg_marquardt"),
+                                          (th.Dogleg, "gauss_newton")])
 def test_exp_fit_noisy_matches_fd_and_implicit_does_not(opt_cls, step):
     y = exp_data(1, noise=1.0)
     fd = exp_fd(y)  # x*(y) does not depend on the algorithm: the truth re-solves with GN
@@ -204,15 +205,59 @@ def test_exp_fit_noisy_matches_fd_and_implicit_does_not(opt_cls, step):
     (g,) = torch.autograd.grad(exp_loss(values).sum(), yy)
     assert rel_err(g, fd) <= REL_TOL
     assert info.fold_info is layer.last_info and bool(layer.last_info.converged.all())
-    expected = {"auto": "levenberg_marquardt" if opt_cls is th.LevenbergMarquardt
-                else "gauss_newton", "newton": "newton"}[step]
-    assert layer.last_info.extra["step"] == expected
+    # auto: a 2-variable dense problem → the exact Newton step, whatever the optimizer
+    assert layer.last_info.extra["step"] == ("newton" if step == "auto" else step)
     if step == "newton":  # Φ = 0 at x*: the backward solve is done after one operator use
         assert int(layer.last_info.backward_iterations.max()) == 1
     yy = y.clone().requires_grad_(True)
     g_impl = theseus_grad(exp_optimizer(opt_cls), {"y": yy, **exp_init(1)}, yy, exp_loss,
                           "implicit")
     assert rel_err(g_impl, fd) >= 1e-2
+
+
+def test_default_is_the_exact_newton_step_with_no_backward_solve(monkeypatch):
+    """Default settings on a small dense problem: the Newton step (``Φ = 0`` by construction),
+    so the backward applies no operator at all; H comes from 2 colour VJPs plus the
+    batch-independence probe, in the forward. Above NEWTON_MAX_ROWS, Gauss-Newton + Krylov:
+    the same gradient."""
+    import fold_plugins.adapters.theseus as fth
+
+    B = 4
+    y = exp_data(B, noise=0.7, seed=3)
+    fd = exp_fd(y)
+    grads = {}
+    for cap in (fth.NEWTON_MAX_ROWS, 1):
+        monkeypatch.setattr(fth, "NEWTON_MAX_ROWS", cap)
+        yy = y.clone().requires_grad_(True)
+        layer = FoldedTheseusLayer(exp_optimizer())
+        values, info = layer({"y": yy, **exp_init(B)})
+        (grads[cap],) = torch.autograd.grad(exp_loss(values).sum(), yy)
+        fi = info.fold_info
+        assert float(((grads[cap] - fd).norm(dim=1) / fd.norm(dim=1)).max()) <= REL_TOL
+        assert bool(fi.converged.all())
+        if cap > 1:
+            assert fi.extra["step"] == "newton" and fi.extra["hessian_vjps"] == 3
+            assert fi.backward_matvecs == 0 and fi.backward_solver == "auto (none: Φ = 0)"
+            assert int(fi.backward_iterations.max()) == 0
+        else:
+            assert fi.extra["step"] == "gauss_newton" and fi.backward_matvecs >= 2
+    assert rel_err(grads[1], grads[fth.NEWTON_MAX_ROWS]) <= 1e-9
+
+
+def test_cost_function_mixing_instances_is_refused():
+    """An error function that reads other instances (a batch mean) couples g across the
+    batch: the Newton step's Hessian probe sees it and refuses instead of summing several
+    instances' curvature into one H."""
+    def coupled(a, b, x, yv):
+        return torch.exp(a * x) + b - yv + 0.5 * (b - b.mean(0, keepdim=True))
+
+    y = exp_data(3, noise=0.3, seed=1)
+    yy = y.clone().requires_grad_(True)
+    layer = FoldedTheseusLayer(exp_optimizer(residual=coupled, max_iterations=5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # whatever the truncated forward reports
+        with pytest.raises(fp.FoldError, match="mix batch instances"):
+            layer({"y": yy, **exp_init(3)}, {"fold_unconverged": "fold"})
 
 
 def test_exp_fit_zero_noise_all_modes_agree():
@@ -595,13 +640,15 @@ def test_inference_skips_fold_and_uses_theseus_status():
         assert all(torch.equal(values[k], ref[k]) and not values[k].requires_grad for k in ref)
         assert info.fold_info.forward_converged.tolist() == status
         assert info.fold_info.extra["forward_check"] == "theseus_status"
-    # with a gradient wanted: one more linearisation (M at x*), and the step-length verdict
-    opt = exp_optimizer(max_iterations=2, **default_tol)
-    calls = _count_linearize(opt)
-    with pytest.warns(UserWarning, match=r"\[1\] of 3"):
-        FoldedTheseusLayer(opt)({"y": y.clone().requires_grad_(True), **init})
-    # and, for the unconverged instance 1, Theseus's forward again with autograd (unroll)
-    assert calls[0] == 2 * plain_calls[0] + 1
+    # with a gradient wanted: Gauss-Newton linearises once more (M at x*; the default Newton
+    # step builds H from VJPs instead), and for the unconverged instance 1 Theseus's forward
+    # runs again with autograd (unroll)
+    for step, extra in (("auto", 0), ("gauss_newton", 1)):
+        opt = exp_optimizer(max_iterations=2, **default_tol)
+        calls = _count_linearize(opt)
+        with pytest.warns(UserWarning, match=r"\[1\] of 3"):
+            FoldedTheseusLayer(opt, step=step)({"y": y.clone().requires_grad_(True), **init})
+        assert calls[0] == 2 * plain_calls[0] + extra
 
     def flat(a, b, x, yv):
         return a + b - yv
@@ -699,29 +746,32 @@ def test_float32_well_posed_pose_graph(prior_scale):
         assert rel_err(g.double(), fd) <= 1e-2
 
 
-def test_rcond_estimate_against_exact():
-    """The factor-based estimate of 1/(‖M‖₁‖M⁻¹‖₁) against torch.linalg.cond(M, 1)."""
+@pytest.mark.parametrize("n", [12, 40])
+def test_rcond_estimate_against_exact(n):
+    """The factor-based 1/(‖M‖₁‖M⁻¹‖₁) against torch.linalg.cond(M, 1): Hager/Higham's
+    estimate (a lower bound of ‖M⁻¹‖₁, within 3×) above EXACT_RCOND_MAX_N, exact up to it."""
+    from fold_plugins._conditioning import EXACT_RCOND_MAX_N
     from fold_plugins._conditioning import rcond_from_factor as _rcond_estimate
 
+    hi = 3.0 if n > EXACT_RCOND_MAX_N else 1 + 1e-4
     g = torch.Generator().manual_seed(0)
-    n = 12
     A = torch.randn(6, n, n, generator=g, dtype=DT)
     scale = torch.logspace(0, -9, n, dtype=DT)
     spd = A @ torch.diag(scale) @ A.transpose(1, 2) + 1e-12 * torch.eye(n, dtype=DT)
     F, _ = torch.linalg.cholesky_ex(spd)
     est = _rcond_estimate(spd, "cholesky", F, None)
     truth = 1 / torch.linalg.cond(spd, 1)
-    assert bool((est >= truth * (1 - 1e-6)).all()) and bool((est <= 3 * truth).all())
+    assert bool((est >= truth * (1 - 1e-4)).all()) and bool((est <= hi * truth).all())
     gen = A * scale  # non-symmetric, graded columns
     LU, piv, _ = torch.linalg.lu_factor_ex(gen)
     est = _rcond_estimate(gen, "lu", LU, piv)
     truth = 1 / torch.linalg.cond(gen, 1)
-    assert bool((est >= truth * (1 - 1e-6)).all()) and bool((est <= 3 * truth).all())
+    assert bool((est >= truth * (1 - 1e-4)).all()) and bool((est <= hi * truth).all())
 
 
 # ----------------------------------------------------------------------------- LM damping
 
-def test_lm_auto_uses_configured_damping_not_final_adaptive():
+def test_lm_step_uses_configured_damping_not_final_adaptive():
     """With adaptive damping and 30 iterations Theseus ends with λ = 1e7 (every step after
     convergence is rejected, ×11 each). The folded LM step uses the configured λ = 1e-3: same
     gradient, and the backward's fixed-point iteration converges in a few steps (with λ = 1e7,
@@ -731,7 +781,7 @@ def test_lm_auto_uses_configured_damping_not_final_adaptive():
     fd = exp_fd(y)
     for backward, cap in (("fixed_point", 10), ("gmres", 2 + 1)):  # gmres: ≤ tangent dim + 1
         opt = exp_optimizer(th.LevenbergMarquardt, max_iterations=30)
-        layer = FoldedTheseusLayer(opt, backward=backward)
+        layer = FoldedTheseusLayer(opt, backward=backward, step="levenberg_marquardt")
         yy = y.clone().requires_grad_(True)
         values, info = layer({"y": yy, **exp_init(B)}, {"adaptive_damping": True})
         assert float(opt._damping.min()) >= 1e6  # the optimizer's final λ
@@ -773,7 +823,7 @@ def test_lm_ellipsoidal_damping():
     fd = exp_fd(y)
     kw = {"ellipsoidal_damping": True, "adaptive_damping": True, "damping": 0.5}
     layer = FoldedTheseusLayer(exp_optimizer(th.LevenbergMarquardt, max_iterations=30),
-                               backward="fixed_point")
+                               backward="fixed_point", step="levenberg_marquardt")
     yy = y.clone().requires_grad_(True)
     values, info = layer({"y": yy, **exp_init(B)}, kw)
     (g,) = torch.autograd.grad(exp_loss(values).sum(), yy)

@@ -175,6 +175,12 @@ class TangentStep:
         self.aux = {k: self._fill(v) for k, v in aux.items()}
         if self.aux:  # now, so that the step never touches the NaN rows it replaces
             self.objective.update(self.aux, _update_vectorization=False)
+        # every auxiliary tensor that needs a gradient (inputs, cost weights) is an explicit
+        # param of the fold, so fp.fold can skip its op recorder (record_captured below):
+        # closure parameters are leaves that its graph walk finds
+        self.param_names = [k for k, v in self.objective.aux_vars.items()
+                            if isinstance(v.tensor, Tensor) and v.tensor.requires_grad]
+        self.params = [v.tensor for v in map(self.objective.aux_vars.get, self.param_names)]
 
     def _fill(self, t: Tensor) -> Tensor:
         """``t`` with the excluded rows replaced by the first good instance's row (no graph)."""
@@ -204,10 +210,14 @@ class TangentStep:
         return ("use LevenbergMarquardt or step='newton' if the minimiser is isolated; "
                 "otherwise add a prior that fixes the free directions (gauge)")
 
-    def __call__(self, xi: Tensor) -> Tensor:
-        if self.aux:
-            # re-attach the inputs' graph
-            self.objective.update(self.aux, _update_vectorization=False)
+    #: fp.fold reads it: this step passes its non-leaf inputs as params (see __init__)
+    record_captured = False
+
+    def __call__(self, xi: Tensor, *params: Tensor) -> Tensor:
+        if self.aux or params:
+            # re-attach the inputs' graph, through the very tensors fold was given
+            self.objective.update({**self.aux, **dict(zip(self.param_names, params))},
+                                  _update_vectorization=False)
         self.geo.set_vars(self.geo.retract_all(self.x_used, xi))
         if self.kind != "newton" and not self.dense:
             out = xi + self._theseus_solve()

@@ -337,7 +337,7 @@ class FoldedTheseusLayer(FoldedModule):
         step_fn = TangentStep(geo, optimizer, x_star, input_tensors, kind, solve_kwargs,
                               nonfinite)
         try:
-            xi, info = fp.fold(step_fn, x_star[0].new_zeros(B, geo.n),
+            xi, info = fp.fold(step_fn, x_star[0].new_zeros(B, geo.n), *step_fn.params,
                                solver=FlooredSolver(solver, step_fn), tol=tol, maxiter=maxiter,
                                batched=True, strict=self.strict, return_info=True,
                                fixed_point_tol=sys.float_info.max, info=info,

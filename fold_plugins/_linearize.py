@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -16,7 +17,13 @@ import torch
 from torch import Tensor
 
 from . import _record
-from ._capture import StepRecorder, functorch_active, is_functorch_tensor, reach
+from ._capture import (
+    StepRecorder,
+    functorch_active,
+    is_functorch_tensor,
+    reach,
+    sequence_mark,
+)
 from ._errors import FoldConvergenceWarning, FoldError
 from ._state import (
     State,
@@ -130,9 +137,13 @@ class Linearization:
             self.complete, self._unreached = True, ([], [])
             return
         self.x_parts = tuple(t.detach().requires_grad_(True) for t in x_parts)
-        recorder = StepRecorder(self.x_parts, params)
+        # a step may opt out of the recorder (module _capture): the graph walk finds its leaves
+        recorder = StepRecorder(self.x_parts, params) \
+            if getattr(step, "record_captured", True) is not False else None
+        since = sequence_mark(self.x_parts[0]) if recorder is None else None
         try:
-            with torch.enable_grad(), _record.collect() as notes, recorder:
+            with torch.enable_grad(), _record.collect() as notes, \
+                    recorder if recorder is not None else contextlib.nullcontext():
                 out = step(tuple(self.x_parts) if tuple_state else self.x_parts[0], *params)
         except RuntimeError as exc:
             if "in-place" in str(exc) or "inplace" in str(exc):
@@ -151,8 +162,11 @@ class Linearization:
         # every tensor the step reads that requires grad: explicit params first, then captured
         explicit = [p for p in params if isinstance(p, Tensor) and p.requires_grad]
         seen = {id(p) for p in explicit}
-        captured = [t for k, t in recorder.captured.items() if k not in seen]
-        walk = reach([out_parts[i] for i in self._diff], self.x_parts, explicit + captured)
+        captured = [t for k, t in recorder.captured.items() if k not in seen] \
+            if recorder is not None else []
+        walk = reach([out_parts[i] for i in self._diff], self.x_parts, explicit + captured,
+                     since)
+        captured += [t for t in walk.leaves if id(t) not in seen]
         #: tensors the output depends on: the inputs of the folded op (double backward, JVPs)
         self.inputs = [t for t in explicit + captured if id(t) in walk.reached]
         for j, t in enumerate(t for t in self.inputs if id(t) not in seen):
@@ -254,12 +268,35 @@ class Linearization:
                 rows.append(g.reshape(*lead, self.spec.B, size))
         return torch.cat(rows, dim=-1) if len(rows) > 1 else rows[0]
 
+    def vjp_fn(self) -> Callable[[Tensor], Tensor]:
+        """``v ↦ Φᵀv`` as a callable for repeated use (one per backward solve): the same result
+        as :meth:`vjp`, bit for bit. For a one-tensor state whose output has a graph it is a
+        single engine call on prebuilt argument tuples (no unflatten, no lists, no cat);
+        otherwise :meth:`vjp` itself."""
+        if len(self.x_parts) != 1 or self._diff != [0] or not _FAST_ENGINE[0]:
+            return self.vjp
+        outs, inputs = (self.out_parts[0],), self.x_parts
+        shape, rows = outs[0].shape, (self.spec.B, self.spec.n)
+
+        def vjp(v: Tensor) -> Tensor:
+            grads = _engine_grad(outs, inputs, (v.reshape(shape),))
+            if grads is None:  # this torch's engine entry point differs: the general path
+                return self.vjp(v)
+            g = grads[0]
+            return v.new_zeros(rows) if g is None else g.reshape(rows)
+        return vjp
+
 
 #: whether the direct engine call of :func:`_engine_grad` works in this torch (checked once)
 _FAST_ENGINE = [True]
+try:
+    from torch.autograd.graph import _engine_run_backward
+except ImportError:  # pragma: no cover - a torch without it: autograd.grad throughout
+    _engine_run_backward = None
+    _FAST_ENGINE[0] = False
 
 
-def _engine_grad(outs: list[Tensor], inputs: tuple[Tensor, ...], cots: list[Tensor]
+def _engine_grad(outs: Sequence[Tensor], inputs: Sequence[Tensor], cots: Sequence[Tensor]
                  ) -> tuple[Tensor | None, ...] | None:
     """``torch.autograd.grad(outs, inputs, cots, retain_graph=True, allow_unused=True)``
     through the engine entry point that ``autograd.grad`` itself calls, without its per-call
@@ -268,10 +305,9 @@ def _engine_grad(outs: list[Tensor], inputs: tuple[Tensor, ...], cots: list[Tens
     switched off for the process) when this torch's private entry point differs: callers then
     use ``torch.autograd.grad``."""
     try:
-        from torch.autograd.graph import _engine_run_backward
         return _engine_run_backward(tuple(outs), tuple(cots), True, False, tuple(inputs),
                                     True, False)
-    except (ImportError, TypeError, AttributeError):
+    except (TypeError, AttributeError):
         _FAST_ENGINE[0] = False
         return None
 
@@ -288,16 +324,20 @@ def _step_key(step: Callable) -> Any:
 
 
 class _IminusPhiT:
-    """The operator ``v ↦ v − Φᵀv`` in the solver protocol (with ``matmat`` for ``dense``)."""
+    """The operator ``v ↦ v − Φᵀv`` in the solver protocol (with ``matmat`` for ``dense``).
+
+    The VJP is captured once (:meth:`Linearization.vjp_fn`): each application is one engine
+    call and one subtraction, the least a Krylov iteration can spend on the operator."""
 
     def __init__(self, lin: Linearization):
         self.lin = lin
         self.count = 0
         self.cost_key = lin.step_key
+        self._vjp = lin.vjp_fn()
 
     def __call__(self, v: Tensor) -> Tensor:
         self.count += 1
-        return v - self.lin.vjp(v)
+        return v - self._vjp(v)
 
     def matmat(self, V: Tensor) -> Tensor:
         self.count += V.shape[0]

@@ -253,8 +253,11 @@ def _forward_ad_active(params: tuple[Any, ...], lin: Linearization) -> bool:
     """Whether some input carries a forward-mode tangent (``torch.autograd.forward_ad``)."""
     if forward_ad._current_level < 0:
         return False
+    # the step's output carries a tangent whenever anything it read did (also a captured
+    # tensor that a step without the recorder does not name)
     return any(forward_ad.unpack_dual(t).tangent is not None
-               for t in list(lin.inputs) + [p for p in params if isinstance(p, Tensor)])
+               for t in [*lin.out_parts, *lin.inputs, *(p for p in params
+                                                       if isinstance(p, Tensor))])
 
 
 def _is_number(v: Any) -> bool:

@@ -158,6 +158,68 @@ def test_double_backward_reaches_module_parameters_and_closure_tensors():
         assert _rel(a, b) < 1e-8
 
 
+def test_step_without_recorder_finds_leaves_and_refuses_only_what_it_cannot_name():
+    """``record_captured = False``: module parameters (leaves) are found by the graph walk and
+    a non-leaf passed as a param is named, so double backward and forward mode stay exact; a
+    captured non-leaf nobody named keeps exact first-order gradients and forward mode, and
+    double backward refuses instead of dropping its terms."""
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(3, 3, dtype=DT)
+    with torch.no_grad():
+        lin.weight.mul_(0.3)
+    z0 = torch.tensor([[0.5, -0.2, 0.1]], dtype=DT)
+
+    class Step:
+        record_captured = False
+
+        def __init__(self, c, explicit):
+            self.c, self.explicit = c, explicit
+
+        def __call__(self, x, *params):
+            return torch.tanh(lin(x) + (params[0] if self.explicit else self.c))
+
+    def solve(z, fold, explicit, create_graph):
+        c = 2 * z
+        step = Step(c, explicit)
+        args = (c,) if explicit else ()
+        x = torch.zeros(1, 3, dtype=DT)
+        if fold:
+            with torch.no_grad():
+                for _ in range(200):
+                    x = step(x, *args)
+            x = fp.fold(step, x, *args, tol=1e-13)
+        else:
+            for _ in range(200):
+                x = step(x, *args)
+        loss = (x ** 2).sum()
+        gw, gz = torch.autograd.grad(loss, (lin.weight, z), create_graph=create_graph)
+        return x, gw, gz
+
+    def second(z, fold, explicit):
+        _, gw, gz = solve(z, fold, explicit, True)
+        return [gw.detach(), gz.detach(),
+                *torch.autograd.grad(gw.sum() + (gz ** 2).sum(), (lin.weight, lin.bias, z))]
+
+    truth = second(z0.clone().requires_grad_(True), False, True)
+    for a, b in zip(second(z0.clone().requires_grad_(True), True, True), truth):
+        assert _rel(a, b) < 1e-8
+    _, gw, gz = solve(z0.clone().requires_grad_(True), True, False, False)
+    assert _rel(gw, truth[0]) < 1e-9 and _rel(gz, truth[1]) < 1e-9
+    with pytest.raises(fp.FoldError, match="double backward through fp.fold needs every"):
+        second(z0.clone().requires_grad_(True), True, False)
+    t = torch.tensor([[1.0, -0.5, 0.25]], dtype=DT)
+    _, want = torch.autograd.functional.jvp(
+        lambda z: solve(z, False, False, True)[0], z0.clone().requires_grad_(True), t)
+    with torch.no_grad(), fwAD.dual_level():
+        xs = torch.zeros(1, 3, dtype=DT)
+        c = 2 * fwAD.make_dual(z0, t)
+        for _ in range(200):
+            xs = torch.tanh(lin(xs) + fwAD.unpack_dual(c).primal)
+        with torch.enable_grad():
+            got = fwAD.unpack_dual(fp.fold(Step(c, False), xs, tol=1e-13)).tangent
+    assert got is not None and _rel(got, want) < 1e-8
+
+
 def test_third_order_raises_and_second_order_with_create_graph_is_still_exact():
     step, theta, K, n = tanh_problem()
     folded, unrolled = _folded(step, K, n), _unrolled(step, K, n)

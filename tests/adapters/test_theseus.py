@@ -244,6 +244,29 @@ def test_default_is_the_exact_newton_step_with_no_backward_solve(monkeypatch):
     assert rel_err(grads[1], grads[fth.NEWTON_MAX_ROWS]) <= 1e-9
 
 
+@pytest.mark.parametrize("step", ["auto", "gauss_newton"])
+def test_double_backward_matches_differences_of_the_gradient(step):
+    """grad-of-grad through the layer (inputs as explicit fold params, no op recorder): the
+    Hessian-vector product of a quadratic loss in y against central differences of the
+    folded gradient itself (which matches FD of the solve, tested above)."""
+    B = 2
+    y = exp_data(B, noise=0.7, seed=3)
+
+    def grad_at(yv, create_graph=False):
+        yy = yv.clone().requires_grad_(True)
+        values, _ = FoldedTheseusLayer(exp_optimizer(), step=step)({"y": yy, **exp_init(B)})
+        (g,) = torch.autograd.grad((exp_loss(values) ** 2).sum(), yy,
+                                   create_graph=create_graph)
+        return yy, g
+
+    yy, g = grad_at(y, create_graph=True)
+    u = torch.randn(y.shape, generator=torch.Generator().manual_seed(0), dtype=DT)
+    (hv,) = torch.autograd.grad((g * u).sum(), yy)
+    h = 1e-5
+    fd = (grad_at(y + h * u)[1] - grad_at(y - h * u)[1]) / (2 * h)
+    assert rel_err(hv, fd) <= 1e-7
+
+
 def test_cost_function_mixing_instances_is_refused():
     """An error function that reads other instances (a batch mean) couples g across the
     batch: the Newton step's Hessian probe sees it and refuses instead of summing several

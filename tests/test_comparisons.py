@@ -167,7 +167,7 @@ def test_scaling_point_errors_against_closed_form(tmp_path):
 def test_theseus_fd_truth_matches_implicit_at_zero_residual(tmp_path):
     """At zero residual JᵀJ is the full Hessian, so Theseus implicit must equal the FD truth."""
     th = pytest.importorskip("theseus")
-    from comparisons.suites import theseus as suite
+    from comparisons.suites import _theseus_problems as suite
 
     cfg = _tiny(tmp_path)
     prob = suite._exp_problem(cfg, 2, 0.0, "zero-residual exp fit")
@@ -183,7 +183,8 @@ def test_pose_graph_ift_truth_matches_full_central_differences(tmp_path):
     """The pose graph's IFT truth (full Hessian) vs central differences of every data entry
     through Theseus's own Gauss-Newton solve, on a 4-pose loop (12 tangent dimensions)."""
     th = pytest.importorskip("theseus")
-    from comparisons.suites import theseus as suite
+    from comparisons.suites import _theseus_pose_graph as suite
+    from comparisons.suites._theseus_problems import POSE_TRUTH_OPT, _rel
 
     cfg = _tiny(tmp_path)
     B, N = 2, 4
@@ -194,7 +195,7 @@ def test_pose_graph_ift_truth_matches_full_central_differences(tmp_path):
     assert stats["stationarity_after"] < 1e-12 and stats["hessian_min_eig"] > 0
     y = prob.wrt.detach()
     m = y.shape[1]
-    layer = th.TheseusLayer(prob.make(max_iterations=suite.POSE_TRUTH_OPT["max_iterations"]))
+    layer = th.TheseusLayer(prob.make(max_iterations=POSE_TRUTH_OPT["max_iterations"]))
     h = 1e-5
     eye = torch.eye(m, dtype=y.dtype)
     data = torch.cat([(y[:, None] + h * eye).reshape(B * m, m),
@@ -202,7 +203,7 @@ def test_pose_graph_ift_truth_matches_full_central_differences(tmp_path):
     with torch.no_grad():
         f = suite._solve_loss(prob, layer, data)
     fd = ((f[:B * m] - f[B * m:]) / (2 * h)).reshape(B, m)
-    assert suite._rel(truth, fd) < 1e-7  # measured 9.8e-10
+    assert _rel(truth, fd) < 1e-7  # measured 9.8e-10
 
 
 def test_gradient_agreement_tiny_case_within_tolerances(tmp_path):

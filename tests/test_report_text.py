@@ -21,7 +21,7 @@ SUITES_DIR = ROOT / "comparisons" / "suites"
 TEXT_SOURCES = ["comparisons/report.py", "comparisons/cli.py",
                 "comparisons/suites/gradient_agreement.py",
                 "comparisons/suites/unroll_convergence.py", "comparisons/suites/scaling.py",
-                "comparisons/suites/theseus.py"]
+                "comparisons/suites/theseus.py", "comparisons/suites/_theseus_report.py"]
 
 
 def _module_intro(name: str) -> str:
@@ -108,8 +108,9 @@ def test_gradient_reports_name_their_reference():
 
 def test_theseus_figure_panels_titles_floor_and_labels(monkeypatch, tmp_path):
     pytest.importorskip("matplotlib")
-    import comparisons.suites.theseus as suite
+    import comparisons.suites._theseus_report as suite
     from comparisons.config import Config
+    from comparisons.suites._theseus_problems import Problem
 
     captured = {}
 
@@ -127,7 +128,10 @@ def test_theseus_figure_panels_titles_floor_and_labels(monkeypatch, tmp_path):
                                                 "total_s": 0.3},
                            "folded (GN step, gmres)": {"error": 2e-9, "backward_s": 0.05,
                                                        "total_s": 0.33}}}
-    suite._plot(rows, names, {"exp fit": {"fd_step_difference": 1e-9}}, Config(out=tmp_path))
+    problems = [Problem("exp fit", None, "y", torch.zeros(1, 1), None, None, 2),
+                Problem("pose graph", None, "μ", torch.zeros(1, 1), None, None, 90)]
+    suite._plot(rows, names, {"exp fit": {"fd_step_difference": 1e-9}}, problems,
+                Config(out=tmp_path))
     fig = captured["fig"]
     axes = fig.axes
     assert len(axes) == 3
@@ -142,3 +146,9 @@ def test_theseus_figure_panels_titles_floor_and_labels(monkeypatch, tmp_path):
         assert all(math.isclose(a, b) for a, b in zip(heights, sorted(vals)))
         assert len(ax.texts) == len(vals)  # every bar carries its value
     assert "forward + backward" in captured["caption"]
+    # the default layer's targets, dashed at k × implicit: backward 4× (2 dims) and 2× (90
+    # dims), forward + backward 1.1× on both problems
+    dashed = sorted(float(seg[0][1]) for ax in axes[1:] for c in ax.collections
+                    for seg in c.get_segments())
+    assert dashed == pytest.approx(sorted([4 * 5e-4 * 1e3, 2 * 0.03 * 1e3,
+                                           1.1 * 1e-2 * 1e3, 1.1 * 0.3 * 1e3]))

@@ -9,6 +9,7 @@ Private to :mod:`fold_plugins.adapters.theseus` (its module docstring has the ma
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +27,9 @@ __all__ = ["TangentGeometry", "TangentStep", "FlooredSolver", "import_theseus"]
 
 def import_theseus() -> Any:
     """``import theseus`` (silencing its scikit-sparse notice), or an ImportError saying how."""
+    th = sys.modules.get("theseus")
+    if th is not None and hasattr(th, "TheseusLayer"):  # imported: no warnings filter per call
+        return th
     try:
         with warnings.catch_warnings():
             # theseus warns at import when scikit-sparse is absent (only CholmodSparseSolver

@@ -279,7 +279,7 @@ def _check_options(tol: Any, maxiter: Any, fixed_point_tol: Any, batched: Any, s
     if not isinstance(batched, bool):
         raise FoldError(f"batched must be True or False, got {batched!r}.")
     name, fn = get_solver(solver)  # an unknown name fails here, not in backward
-    if solver_options is None:
+    if solver_options is None or (isinstance(solver_options, dict) and not solver_options):
         return
     if not isinstance(solver_options, dict):
         raise FoldError(f"solver_options must be a dict of keywords for the solver, got "

@@ -145,24 +145,27 @@ def time_phases(run_once: Callable[[Stopwatch], Any], device: torch.device, repe
 
 def vjp_time(step: Callable, x: Any, *params: Any, device: torch.device, rounds: int = 5,
              per_round: int = 10) -> float:
-    """Seconds of one VJP ``v ↦ Φᵀv`` of ``step`` at ``x`` (one folded-backward operator
-    application, as the backward solvers call it): the unit of the "VJP floor"
-    ``#VJPs × vjp_time`` that a Krylov backward cannot go below.
+    """Seconds of one application of the folded backward's operator ``v ↦ v − Φᵀv`` of
+    ``step`` at ``x``, through the same entry point the backward solvers call (one VJP and one
+    subtraction): the unit of the "VJP floor" ``#VJPs × vjp_time`` that a Krylov backward
+    cannot go below.
 
     Measured as a backward runs them, back to back: the median over ``rounds`` of the mean
-    time of ``per_round`` consecutive VJPs (a median of isolated calls would miss the
+    time of ``per_round`` consecutive applications (a median of isolated calls would miss the
     preemption a long backward suffers on a loaded machine, and flatter the floor)."""
+    from fold_plugins._linearize import _IminusPhiT
     from fold_plugins.fold import linearize
 
     lin = linearize(step, x, *params)
+    op = _IminusPhiT(lin)
     v = torch.ones(lin.spec.B, lin.spec.n, dtype=lin.x_parts[0].dtype, device=device)
-    lin.vjp(v)
+    op(v)
     times = []
     for _ in range(rounds):
         sync(device)
         t0 = time.perf_counter()
         for _ in range(per_round):
-            lin.vjp(v)
+            op(v)
         sync(device)
         times.append((time.perf_counter() - t0) / per_round)
     return statistics.median(times)

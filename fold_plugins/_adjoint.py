@@ -78,6 +78,12 @@ class _Masked:
         return torch.where(self.excluded[None, :, None], V, torch.nan_to_num(out))
 
 
+def _masked(op: Any, excluded: Tensor | None) -> Any:
+    """``op`` itself when no instance is excluded (one call layer less per Krylov iteration),
+    else :class:`_Masked`."""
+    return op if excluded is None else _Masked(op, excluded)
+
+
 class Adjoint:
     """Solver settings and one linearization: runs the solves (1) and (2) and reports them.
 
@@ -138,7 +144,7 @@ class Adjoint:
             return torch.zeros_like(g)
         self.check_batch_independence()
         g, finite = self._finite_rhs(g, "incoming gradient of fold's output", "gradients")
-        op = _Masked(_IminusPhiT(lin), self.excluded)
+        op = _masked(_IminusPhiT(lin), self.excluded)
         v, sinfo = self._run(op, g)
         self._record(sinfo, op.count)
         self._judge(sinfo, "folded backward")
@@ -153,7 +159,7 @@ class Adjoint:
             return torch.zeros_like(rhs)
         self.check_batch_independence()
         rhs, finite = self._finite_rhs(rhs.detach(), "tangent of fold's inputs", "tangents")
-        op = _Masked(_IminusPhi(self.lin), self.excluded)
+        op = _masked(_IminusPhi(self.lin), self.excluded)
         u, sinfo = self._run(op, rhs)
         self.info.extra["tangent_solve"] = {"iterations": sinfo.iterations,
                                             "residual": sinfo.residual,

@@ -33,8 +33,9 @@ def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
     ``info.extra["stagnated"]``. Gram–Schmidt is classical and applied twice (CGS2).
     In exact arithmetic an instance converges in at most ``rank(A − I) + 1`` iterations.
 
-    The inner loop is written for few tensor operations per iteration (≈30, besides the
-    operator): at small sizes their dispatch, not the arithmetic, is what costs.
+    The inner loop (:class:`_Arnoldi`) is written for few tensor operations per iteration
+    (≈40 small ones besides the operator, on buffers allocated once): at small sizes their
+    dispatch, not the arithmetic, is what costs.
 
     Args:
         maxiter: total Krylov iterations over all restart cycles (default ``max(2n, 100)``,
@@ -53,9 +54,7 @@ def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
     maxiter = int(maxiter) if maxiter is not None else min(max(2 * n, 100), 5000)
     m = int(restart) if restart is not None else min(n, 60)
     m = max(1, min(m, n, maxiter))
-    dev, dt = b.device, b.dtype
-    eps100 = 100 * torch.finfo(dt).eps
-    inf_b = torch.full((B, 1), math.inf, dtype=dt, device=dev)
+    dev = b.device
     bnorm = b.norm(dim=1)
     denom = torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
     x = torch.zeros_like(b) if x0 is None else x0.clone()
@@ -68,6 +67,7 @@ def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
     stalled = torch.zeros(B, dtype=torch.bool, device=dev)
     best_x, best_rel = x, torch.full_like(rel, math.inf)
     anorm = torch.zeros_like(rel)  # ‖A‖ ≥ ‖A v‖ for every unit basis vector v
+    arnoldi = _Arnoldi(b, m, pc)
     while total < maxiter:
         if x0 is not None or total > 0:
             r = b - matvec(x)
@@ -94,71 +94,17 @@ def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
         done = done | stalled
         if bool(done.all()):
             break
-        V = torch.zeros(B, m + 1, n, dtype=dt, device=dev)  # Krylov basis, rows per instance
-        R = torch.zeros(B, m, m, dtype=dt, device=dev)
-        # Q: product of the Givens rotations so far, so each new Hessenberg column is rotated
-        # with one small bmm instead of j sequential rotations
-        Q = torch.eye(m + 1, dtype=dt, device=dev).repeat(B, 1, 1)
-        est_hist = torch.zeros(B, m, dtype=dt, device=dev)
-        beta_rel = rel  # ‖r‖/‖b‖: the estimate is |beta_rel · Q[j+1, 0]|
-        V[:, 0] = r * torch.where(beta > 0, beta.reciprocal(), torch.zeros_like(beta))[:, None]
-        k = 0
-        for j in range(m):
-            if total >= maxiter:
-                break
-            vj = V[:, j]
-            if pc is None:
-                w = matvec(vj)
-                w0 = w.norm(dim=1)
-                anorm = torch.maximum(anorm, w0)  # ‖A‖ ≥ ‖A v‖, ‖v‖ = 1
-            else:
-                zj = pc(vj)
-                w = matvec(zj)
-                w0 = w.norm(dim=1)
-                zn = zj.norm(dim=1)
-                anorm = torch.maximum(anorm, w0 / torch.where(zn > 0, zn, torch.ones_like(zn)))
-            n_mv += 1
-            total += 1
-            k = j + 1
-            # CGS2: A = I − Φᵀ maps v to nearly v, so one pass cancels heavily; the second
-            # pass saves Krylov iterations (each a VJP) on non-normal Φ. Rows kept (B, 1, n)
-            # so each pass is one bmm and one fused baddbmm
-            Vj = V[:, :k]
-            w = w.unsqueeze(1)
-            h = torch.bmm(Vj, w.mT)
-            w = torch.baddbmm(w, h.mT, Vj, alpha=-1)
-            h2 = torch.bmm(Vj, w.mT)
-            w = torch.baddbmm(w, h2.mT, Vj, alpha=-1)
-            hn = w.norm(dim=2)  # (B, 1)
-            # happy breakdown (an invariant subspace): a new direction that is round-off only
-            # is dropped, never normalised into a non-orthogonal basis vector
-            keep = hn > eps100 * w0.unsqueeze(1)
-            hk = hn * keep
-            V[:, k: k + 1] = w / torch.where(keep, hn, inf_b).unsqueeze(2)
-            col = torch.bmm(Q[:, : k + 1, : k + 1], torch.cat([h + h2, hk.unsqueeze(2)], dim=1))
-            a, c = col[:, j, 0], col[:, k, 0]
-            rr = torch.hypot(a, c)
-            zero = rr == 0  # an instance already broken down: identity rotation
-            a1 = a + zero
-            G = torch.stack([a1, c, -c, a1], dim=1).view(B, 2, 2) / (rr + zero).view(B, 1, 1)
-            Q[:, j: k + 1, : k + 1] = torch.bmm(G, Q[:, j: k + 1, : k + 1])
-            R[:, :k, j] = col[:, :k, 0]
-            R[:, j, j] = rr
-            est = Q[:, k, 0].abs() * beta_rel
-            est_hist[:, j] = est
-            if bool(((est <= tol) | done).all()):
-                break
+        k = arnoldi.cycle(matvec, r, beta, torch.where(done, torch.zeros_like(rel), rel), tol,
+                          maxiter - total)
+        n_mv += k
+        total += k
         # first iteration of this cycle at which each instance's estimate met tol
-        met = est_hist[:, :k] <= tol
+        met = arnoldi.estimates(k) <= tol
         first = torch.where(met.any(dim=1), met.float().argmax(dim=1) + 1,
                             torch.full_like(iters, k))
         iters = torch.where(~done & (iters < 0) & met.any(dim=1), total - k + first, iters)
-        Rk = R[:, :k, :k]
-        diag = torch.diagonal(Rk, dim1=1, dim2=2)
-        Rk = Rk + torch.diag_embed((diag == 0).to(dt))  # broken-down columns: y = 0 there
-        gk = beta.unsqueeze(1) * Q[:, :k, 0]
-        y = torch.linalg.solve_triangular(Rk, gk.unsqueeze(2), upper=True)
-        step = torch.bmm(y.transpose(1, 2), V[:, :k]).squeeze(1)
+        step, a_k = arnoldi.update(k, beta)
+        anorm = torch.maximum(anorm, a_k)
         x = x + (step if pc is None else pc(step))
         fresh = False  # x changed: the next pass (or the end) recomputes the true residual
     if fresh:
@@ -175,6 +121,113 @@ def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
     iters = torch.where((res <= tol) & (iters >= 0), iters, torch.full_like(iters, total))
     extra["stagnated"] = stalled & ~converged & ~extra["not_isolated"]
     return x, SolveInfo(iters, res, converged, n_mv + extra_mv, "gmres", extra=extra)
+
+
+class _Arnoldi:
+    """GMRES's Arnoldi cycles, written for few tensor operations per iteration.
+
+    Per iteration: the operator, CGS2 as two ``bmm``/``baddbmm`` pairs with the basis in rows
+    of a buffer allocated once (the fast orientation of batched matrix-vector products on
+    CPU), and the Givens update of only the *last row* ``ℓ`` of the rotation product ``Q``
+    (``Q H̄ = [R; 0]``): with ``a = ℓ·h``, ``r = hypot(a, h_{k+1,k})``, ``c = a/r``,
+    ``s = h_{k+1,k}/r``, the finished row ``j`` of ``Q`` is ``[cℓ, s]``, the new last row
+    ``[−sℓ, c]``, and the residual estimate is multiplied by ``s``. The Hessenberg columns and
+    the finished rows are kept as lists and packed once per cycle, where ``R = Q H̄`` is one
+    ``bmm``. Mathematically the usual Givens GMRES (Saad, Iterative Methods for Sparse Linear
+    Systems, §6.5.3), in about 30 small tensor operations per iteration besides the operator.
+    """
+
+    def __init__(self, b: Tensor, m: int, pc: MatVec | None):
+        B, n = b.shape
+        self.m, self.pc = m, pc
+        self.eps100 = 100 * torch.finfo(b.dtype).eps
+        self.tiny = torch.finfo(b.dtype).tiny
+        self.V = b.new_empty(B, m + 1, n)  # Krylov basis, one row per vector
+        self.zn = b.new_ones(B, m) if pc is not None else None  # ‖M⁻¹v_j‖ (for ‖A‖)
+
+    def cycle(self, matvec: MatVec, r: Tensor, beta: Tensor, est0: Tensor, tol: float,
+              budget: int) -> int:
+        """Arnoldi from ``r`` until every instance's estimate ``est0·∏s`` is ≤ ``tol``, the
+        basis is full or ``budget`` iterations are spent; returns the iterations run
+        (instances with ``est0 = 0`` are not waited for)."""
+        V, pc, eps100, tiny = self.V, self.pc, self.eps100, self.tiny
+        V[:, 0] = r * torch.where(beta > 0, beta.reciprocal(), torch.zeros_like(beta))[:, None]
+        L = r.new_ones(r.shape[0], 1, 1)  # the last row of Q so far, (B, 1, j + 1)
+        est = est0.view(-1, 1, 1)
+        # per column j: h (B, 1, j+1), h_{j+1,j}, the finished row [cℓ] of Q and s
+        self.h, self.hk, self.f, self.s = hs, hks, fs, ss = [], [], [], []
+        k = 0
+        for j in range(min(self.m, budget)):
+            if pc is None:
+                w = matvec(V[:, j])
+            else:
+                zj = pc(V[:, j])
+                self.zn[:, j] = zj.norm(dim=1)
+                w = matvec(zj)
+            k = j + 1
+            # CGS2: A = I − Φᵀ maps v to nearly v, so one pass cancels heavily; the second
+            # pass saves Krylov iterations (each a VJP) on non-normal Φ
+            w = w.unsqueeze(1)
+            w0 = torch.linalg.vector_norm(w, dim=2, keepdim=True)
+            Vj = V[:, :k]
+            VjT = Vj.mT
+            h = torch.bmm(w, VjT)
+            w = torch.baddbmm(w, h, Vj, alpha=-1)
+            h2 = torch.bmm(w, VjT)
+            w = torch.baddbmm(w, h2, Vj, alpha=-1)
+            h = h + h2
+            hn = torch.linalg.vector_norm(w, dim=2, keepdim=True)
+            # happy breakdown (an invariant subspace): a new direction that is round-off only
+            # is dropped, never normalised into a non-orthogonal basis vector
+            keep = hn > eps100 * w0
+            hk = hn * keep
+            V[:, k: k + 1] = w * (keep / hn.clamp_min(tiny))
+            # Givens on the last row only. r = 0 (a = h_{k+1,k} = 0: the column is exactly
+            # zero, the instance broke down before) gives c = s = 0: that row of R is zero,
+            # so y = 0 there, and every later column of the cycle is zero too
+            a = (L * h).sum(dim=2, keepdim=True)
+            rr = torch.hypot(a, hk).clamp_min(tiny)
+            c = a / rr
+            s = hk / rr
+            hs.append(h)
+            hks.append(hk)
+            fs.append(L * c)
+            ss.append(s)
+            L = torch.cat([L * -s, c], dim=2)
+            est = est * s
+            if bool((est <= tol).all()):
+                break
+        self._est0 = est0
+        return k
+
+    def estimates(self, k: int) -> Tensor:
+        """``(B, k)`` relative residual estimates after each iteration of the last cycle."""
+        return self._est0[:, None] * torch.cumprod(torch.cat(self.s, dim=2)[:, 0], dim=1)
+
+    def update(self, k: int, beta: Tensor) -> tuple[Tensor, Tensor]:
+        """The cycle's correction ``V_k y`` (``y`` minimising ``‖βe₁ − H̄y‖``) and the cycle's
+        lower bound on ``‖A‖`` (the largest ``‖A v_j‖ = ‖H̄ e_j‖``, over ``‖M⁻¹v_j‖``)."""
+        B = beta.shape[0]
+        rows, cols = torch.tril_indices(k, k, device=beta.device)
+        sub = torch.arange(k, device=beta.device)
+
+        def pack(lower: list[Tensor], upper: list[Tensor]) -> Tensor:
+            # row j: lower[j] in columns 0..j, upper[j] in column j + 1
+            out = beta.new_zeros(B, k, k + 1)
+            out[:, rows, cols] = torch.cat(lower, dim=2)[:, 0]
+            out[:, sub, sub + 1] = torch.cat(upper, dim=2)[:, 0]
+            return out
+        Ht = pack(self.h, self.hk)  # row j: column j of H̄
+        F = pack(self.f, self.s)  # row j: row j of Q
+        R = torch.bmm(F, Ht.mT)  # upper triangular up to round-off (only its upper part used)
+        diag = torch.diagonal(R, dim1=1, dim2=2)
+        R = R + torch.diag_embed((diag == 0).to(R.dtype))  # broken-down columns: y = 0 there
+        y = torch.linalg.solve_triangular(R, beta[:, None, None] * F[:, :, :1], upper=True)
+        step = torch.bmm(y.mT, self.V[:, :k]).squeeze(1)
+        col = Ht.norm(dim=2)
+        if self.pc is not None:
+            col = col / self.zn[:, :k]
+        return step, col.amax(dim=1)
 
 
 def bicgstab(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e-10,

@@ -223,7 +223,7 @@ def inference(layer: FoldedTheseusLayer, x_star: list[Tensor], th_info: Any, inf
             "an instance with status FAIL hit an error in Theseus's linear solve (singular "
             "system or NaN data): check its data (said once per layer)", layer.strict,
             stacklevel=4)
-    return layer._outputs(x_star, x_star, None, {}), th_info
+    return layer._geo.outputs(x_star, x_star, None, {}), th_info
 
 def note_backward_mode(layer: FoldedTheseusLayer, mode: Any, explicit: bool) -> None:
     """One note when ``backward_mode`` asks for something other than what folding does."""

@@ -1,9 +1,10 @@
 """The folded Gauss-Newton / LM / Newton step of :class:`FoldedTheseusLayer` in tangent space.
 
 Private to :mod:`fold_plugins.adapters.theseus` (its module docstring has the mathematics):
-:class:`TangentGeometry` (the variables' layout and retraction ``x* ⊕ ξ``), :class:`TangentStep`
-(``U(ξ) = ξ − M⁻¹ g(x* ⊕ ξ)``), :class:`FlooredSolver` (the backward tolerance floor) and
-:func:`fold_plugins._conditioning.rcond_from_factor` (the core's factor-based condition estimate).
+:func:`step_kind` (which step ``"auto"`` means), :class:`TangentStep`
+(``U(ξ) = ξ − M⁻¹ g(x* ⊕ ξ)``), :class:`FlooredSolver` (the backward tolerance floor, and no
+solve where ``Φ = 0``) and :func:`fold_plugins._conditioning.rcond_from_factor` (the core's
+factor-based condition estimate). The variables' layout is :mod:`._theseus_geometry`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from fold_plugins._conditioning import rcond_from_factor
 from fold_plugins._errors import instance_list
 from fold_plugins.solvers import SolveInfo, get_solver
 
-__all__ = ["TangentGeometry", "TangentStep", "FlooredSolver", "import_theseus"]
+from ._theseus_geometry import TangentGeometry
+
+__all__ = ["TangentStep", "FlooredSolver", "import_theseus", "lm_kwargs", "step_kind",
+           "NEWTON_MAX_ROWS"]
 
 
 def import_theseus() -> Any:
@@ -45,89 +49,50 @@ def import_theseus() -> Any:
     return th
 
 
-class TangentGeometry:
-    """Layout of the optimisation variables in Theseus's ordering: tangent offsets, retraction.
+#: ``step="auto"`` picks ``newton`` when its compressed Hessian needs at most this many VJP
+#: rows (one vmapped backward in the forward; the backward then needs no solve at all)
+NEWTON_MAX_ROWS = 32
 
-    Args:
-        optimizer: a Theseus ``NonlinearLeastSquares`` optimizer (its linearization's
-            ordering, dimensions and column starts define ``ξ``).
-    """
 
-    def __init__(self, optimizer: Any):
-        self.objective = optimizer.objective
-        lin = optimizer.linear_solver.linearization
-        self.ordering = list(lin.ordering)
-        self.dofs = [int(d) for d in lin.var_dims]
-        self.starts = [int(s) for s in lin.var_start_cols]
-        self.index = {v.name: k for k, v in enumerate(self.ordering)}
-        # variables of one type are retracted together: (template container, their indices)
-        groups: dict[tuple[type, int], list[int]] = {}
-        for k, v in enumerate(self.ordering):
-            groups.setdefault((type(v), self.dofs[k]), []).append(k)
-        self.groups = [(self.ordering[ks[0]].copy(new_name=f"{self.ordering[ks[0]].name}"
-                                                  "__fold"), ks) for ks in groups.values()]
-        self.coloring: tuple[list[list[int]], list[Tensor]] | None = None
+def step_kind(name: str, optimizer: Any, geo: TangentGeometry) -> str:
+    """The step ``name`` stands for: ``"auto"`` is ``newton`` with a dense linear solver when
+    the colour-compressed Hessian needs at most :data:`NEWTON_MAX_ROWS` VJP rows, else the
+    optimizer's own (Levenberg-Marquardt for ``LevenbergMarquardt``, Gauss-Newton otherwise)."""
+    if name != "auto":
+        return name
+    th = import_theseus()
+    if isinstance(optimizer.linear_solver, th.DenseSolver):
+        colors, _ = geo.hessian_coloring()
+        rows = sum(max(geo.dofs[a] for a in members) for members in colors)
+        if rows <= NEWTON_MAX_ROWS:
+            return "newton"
+    if isinstance(optimizer, th.LevenbergMarquardt):
+        return "levenberg_marquardt"
+    return "gauss_newton"  # GaussNewton, Dogleg, other NLLS subclasses
 
-    @property
-    def device(self) -> torch.device:
-        return self.objective.device
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.objective.dtype
-
-    @property
-    def n(self) -> int:
-        return sum(self.dofs)
-
-    def retract_all(self, x_star: list[Tensor], xi: Tensor) -> list[Tensor]:
-        """``x* ⊕ ξ`` for every variable, one ``retract`` per variable type."""
-        out: list[Tensor] = [xi] * len(x_star)
-        B = xi.shape[0]
-        for tmpl, ks in self.groups:
-            xs = torch.cat([x_star[k] for k in ks]) if len(ks) > 1 else x_star[ks[0]]
-            ds = [xi[:, self.starts[k]:self.starts[k] + self.dofs[k]] for k in ks]
-            tmpl.update(xs)
-            ys = tmpl.retract(torch.cat(ds) if len(ds) > 1 else ds[0]).tensor
-            for k, y in zip(ks, ys.split(B)):
-                out[k] = y
-        for tmpl, ks in self.groups:
-            tmpl.update(x_star[ks[0]].detach())  # hold no graph
-        return out
-
-    def hessian_coloring(self) -> tuple[list[list[int]], list[Tensor]]:
-        """Distance-2 colouring of the variables and each variable's column mask (cached)."""
-        if self.coloring is not None and self.coloring[1][0].device == self.device:
-            return self.coloring
-        V = len(self.ordering)
-        nbrs: list[set[int]] = [{k} for k in range(V)]
-        for cf in self.objective.cost_functions.values():
-            ks = [self.index[v.name] for v in cf.optim_vars]
-            for a in ks:
-                nbrs[a].update(ks)
-        color = [-1] * V
-        colors: list[list[int]] = []
-        for a in sorted(range(V), key=lambda k: -len(nbrs[k])):
-            near = set().union(*(nbrs[b] for b in nbrs[a]))  # within distance 2
-            used = {color[b] for b in near if color[b] >= 0}
-            c = next(i for i in range(len(colors) + 1) if i not in used)
-            if c == len(colors):
-                colors.append([])
-            colors[c].append(a)
-            color[a] = c
-        n = sum(self.dofs)
-        masks = []
-        for a in range(V):
-            m = torch.zeros(n, dtype=self.dtype, device=self.device)
-            for b in nbrs[a]:
-                m[self.starts[b]:self.starts[b] + self.dofs[b]] = 1
-            masks.append(m)
-        self.coloring = (colors, masks)
-        return self.coloring
-
-    def set_vars(self, tensors: list[Tensor]) -> None:
-        for var, t in zip(self.ordering, tensors):
-            var.update(t)
+def lm_kwargs(kind: str, optimizer: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """LM keywords of the folded step: the *configured* damping (class docstring)."""
+    if kind != "levenberg_marquardt":
+        return {}
+    damping = kwargs.get("damping", 1e-3)  # LevenbergMarquardt.reset's default
+    if isinstance(damping, Tensor):
+        damping = damping.detach().clone()
+    elif not (isinstance(damping, (int, float)) and damping >= 0):
+        raise fp.FoldError(f"optimizer_kwargs['damping'] must be a number ≥ 0 or a "
+                           f"tensor, got {damping!r}.")
+    out: dict[str, Any] = {"damping": damping}
+    if isinstance(optimizer.linear_solver, import_theseus().DenseSolver):
+        out["ellipsoidal_damping"] = bool(kwargs.get("ellipsoidal_damping", False))
+        eps = kwargs.get("damping_eps")
+        out["damping_eps"] = 1e-8 if eps is None else float(eps)
+    elif isinstance(damping, Tensor) and damping.numel() > 1:
+        raise fp.FoldError(
+            f"{type(optimizer.linear_solver).__name__} takes only a scalar LM "
+            f"damping, but optimizer_kwargs['damping'] is a tensor of shape "
+            f"{tuple(damping.shape)}; pass a number, use a dense linear solver, or "
+            "step='gauss_newton'/'newton'.")
+    return out
 
 
 class TangentStep:

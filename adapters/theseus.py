@@ -86,6 +86,7 @@ from torch import Tensor
 import fold_plugins as fp
 from fold_plugins.fold import default_fixed_point_tol
 
+from ._theseus_geometry import TangentGeometry
 from ._theseus_policy import (
     Notes,
     apply_policy,
@@ -97,7 +98,14 @@ from ._theseus_policy import (
     status_mask,
     theseus_backward,
 )
-from ._theseus_step import FlooredSolver, TangentGeometry, TangentStep, import_theseus
+from ._theseus_step import (
+    NEWTON_MAX_ROWS,
+    FlooredSolver,
+    TangentStep,
+    import_theseus,
+    lm_kwargs,
+    step_kind,
+)
 from .base import FoldedModule
 
 __all__ = ["FoldedTheseusLayer", "STEPS", "FOLD_KWARGS", "NEWTON_MAX_ROWS"]
@@ -106,9 +114,6 @@ __all__ = ["FoldedTheseusLayer", "STEPS", "FOLD_KWARGS", "NEWTON_MAX_ROWS"]
 STEPS = ("auto", "gauss_newton", "levenberg_marquardt", "newton")
 _ALIASES = {"gn": "gauss_newton", "lm": "levenberg_marquardt", "gauss-newton": "gauss_newton",
             "levenberg-marquardt": "levenberg_marquardt"}
-#: ``step="auto"`` picks ``newton`` when its compressed Hessian needs at most this many VJP
-#: rows (one vmapped backward in the forward; the backward then needs no solve at all)
-NEWTON_MAX_ROWS = 32
 #: per-call overrides read from ``optimizer_kwargs`` and removed before Theseus sees them.
 FOLD_KWARGS = ("fold_step", "fold_backward", "fold_tol", "fold_maxiter", "fold_unconverged")
 
@@ -296,12 +301,12 @@ class FoldedTheseusLayer(FoldedModule):
         cheap_graph = mode != th.BackwardMode.UNROLL and torch.is_grad_enabled()
         with torch.set_grad_enabled(cheap_graph):
             computed, th_info = self.layer(input_tensors, optimizer_kwargs=kwargs)
-        x_star = self._solution()
+        x_star = self._geo.solution()
         if cheap_graph:
             geo.set_vars(x_star)  # the fold reads the objective without Theseus's graph
         else:
             computed = None
-        kind = self._step_kind(step_name)
+        kind = step_kind(step_name, self.optimizer, self._geo)
         B = x_star[0].shape[0]
         dev, dt = x_star[0].device, x_star[0].dtype
         info = fp.FoldInfo(batch_size=B)
@@ -320,10 +325,10 @@ class FoldedTheseusLayer(FoldedModule):
             return inference(self, x_star, th_info, info, th_conv & finite_x & ~failed,
                                    failed | ~finite_x, name)
 
-        solve_kwargs = self._solve_kwargs(kind, kwargs)
+        solve_kwargs = lm_kwargs(kind, self.optimizer, kwargs)
         if "damping" in solve_kwargs:
             info.extra["damping"] = solve_kwargs["damping"]
-        nonfinite = ~finite_x | self._nonfinite_inputs(input_tensors, B)
+        nonfinite = ~finite_x | geo.nonfinite_inputs(input_tensors, B)
         if bool(nonfinite.all()):
             bad_vars = [v.name for v, x in zip(geo.ordering, x_star)
                         if not bool(torch.isfinite(x).all())]
@@ -343,7 +348,7 @@ class FoldedTheseusLayer(FoldedModule):
                                fixed_point_tol=sys.float_info.max, info=info,
                                solver_options=self.solver_options)
         finally:
-            self._restore(x_star, input_tensors)
+            geo.restore(x_star, input_tensors)
         self.last_info = info
         excluded = step_fn.excluded
         info.extra.update(hessian_vjps=step_fn.hessian_vjps, forward_check="theseus_status",
@@ -365,7 +370,7 @@ class FoldedTheseusLayer(FoldedModule):
         info.forward_converged = converged
         report_excluded(self, name, nonfinite, step_fn)
 
-        values = self._outputs(step_fn.x_used, x_star, xi, input_tensors, excluded)
+        values = geo.outputs(step_fn.x_used, x_star, xi, input_tensors, excluded)
         unrolled = torch.zeros_like(unconverged)
         if bool(unconverged.any()):
             values, unrolled = apply_policy(
@@ -388,18 +393,6 @@ class FoldedTheseusLayer(FoldedModule):
         return values, th_info
 
     # ------------------------------------------------------------------ helpers
-    def _solution(self) -> list[Tensor]:
-        """The optimisation variables' tensors after the solve, ``(B, ...)`` each (may hold
-        NaN rows: those instances are excluded, see the module docstring)."""
-        B = self.objective.batch_size
-        out = []
-        for var in self._geo.ordering:
-            t = var.tensor.detach()
-            if t.shape[0] != B:
-                t = t.expand(B, *t.shape[1:])
-            out.append(t.clone())
-        return out
-
     def _needs_graph(self, input_tensors: dict[str, Tensor], init: dict[str, Tensor]) -> bool:
         """Whether a gradient can be asked of the output: grad mode on and some input, initial
         value, cost weight or closure parameter requires grad (the last seen only in the
@@ -415,84 +408,3 @@ class FoldedTheseusLayer(FoldedModule):
         # nn.Module parameters inside cost-function closures: one error evaluation (no
         # Jacobians) tells; the variables are at x* without graph after the solve
         return bool(objective.error().requires_grad)
-
-    def _nonfinite_inputs(self, input_tensors: dict[str, Tensor], B: int) -> Tensor:
-        """``(B,)`` bool: instances whose per-instance auxiliary inputs hold NaN/Inf."""
-        bad = torch.zeros(B, dtype=torch.bool, device=self.device)
-        aux = self.objective.aux_vars
-        for k, t in input_tensors.items():
-            if k in aux and isinstance(t, Tensor) and t.is_floating_point() \
-                    and t.ndim >= 1 and t.shape[0] == B:
-                bad |= ~torch.isfinite(t.detach().reshape(B, -1)).all(dim=1).to(bad.device)
-        return bad
-
-    def _step_kind(self, name: str) -> str:
-        """The step ``name`` stands for (``"auto"``: see the module docstring)."""
-        if name != "auto":
-            return name
-        th = import_theseus()
-        if isinstance(self.optimizer.linear_solver, th.DenseSolver):
-            colors, _ = self._geo.hessian_coloring()
-            rows = sum(max(self._geo.dofs[a] for a in members) for members in colors)
-            if rows <= NEWTON_MAX_ROWS:
-                return "newton"
-        if isinstance(self.optimizer, th.LevenbergMarquardt):
-            return "levenberg_marquardt"
-        return "gauss_newton"  # GaussNewton, Dogleg, other NLLS subclasses
-
-    def _solve_kwargs(self, kind: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """LM keywords of the folded step: the *configured* damping (class docstring)."""
-        if kind != "levenberg_marquardt":
-            return {}
-        damping = kwargs.get("damping", 1e-3)  # LevenbergMarquardt.reset's default
-        if isinstance(damping, Tensor):
-            damping = damping.detach().clone()
-        elif not (isinstance(damping, (int, float)) and damping >= 0):
-            raise fp.FoldError(f"optimizer_kwargs['damping'] must be a number ≥ 0 or a "
-                               f"tensor, got {damping!r}.")
-        out: dict[str, Any] = {"damping": damping}
-        if isinstance(self.optimizer.linear_solver, import_theseus().DenseSolver):
-            out["ellipsoidal_damping"] = bool(kwargs.get("ellipsoidal_damping", False))
-            eps = kwargs.get("damping_eps")
-            out["damping_eps"] = 1e-8 if eps is None else float(eps)
-        elif isinstance(damping, Tensor) and damping.numel() > 1:
-            raise fp.FoldError(
-                f"{type(self.optimizer.linear_solver).__name__} takes only a scalar LM "
-                f"damping, but optimizer_kwargs['damping'] is a tensor of shape "
-                f"{tuple(damping.shape)}; pass a number, use a dense linear solver, or "
-                "step='gauss_newton'/'newton'.")
-        return out
-
-    def _restore(self, x_star: list[Tensor], input_tensors: dict[str, Tensor]) -> None:
-        """The objective as Theseus left it: at x* with no graph, the auxiliary variables
-        holding the given inputs."""
-        aux = {k: v for k, v in input_tensors.items() if k in self.objective.aux_vars}
-        if aux:
-            self.objective.update(aux, _update_vectorization=False)
-        self._geo.set_vars([x.detach() for x in x_star])
-
-    def _outputs(self, x_used: list[Tensor], x_star: list[Tensor], xi: Tensor | None,
-                 input_tensors: dict[str, Tensor],
-                 excluded: Tensor | None = None) -> dict[str, Tensor]:
-        """The values ``x*`` (bit for bit) with the derivative of ``x_used ⊕ ξ`` attached
-        (none for the ``excluded`` instances)."""
-        geo = self._geo
-        by_name: dict[str, Tensor] = {}
-        retracted = geo.retract_all(x_used, xi) if xi is not None and xi.requires_grad \
-            else None
-        for k, (var, x) in enumerate(zip(geo.ordering, x_star)):
-            if retracted is not None:
-                r = retracted[k]
-                d = r - r.detach()
-                if excluded is not None and bool(excluded.any()):
-                    # excluded instances: no derivative at all (so a NaN x* sends no NaN back)
-                    d = torch.where(excluded.reshape(-1, *([1] * (d.ndim - 1))),
-                                    torch.zeros_like(d), d)
-                out = x + d  # value x* bit for bit, derivative of x* ⊕ ξ
-            else:
-                out = x.clone()
-            init = input_tensors.get(var.name)
-            if isinstance(init, Tensor) and init.requires_grad and torch.is_grad_enabled():
-                out = out + (init - init.detach()) * 0  # a converged x* does not depend on it
-            by_name[var.name] = out
-        return {name: by_name[name] for name in self.objective.optim_vars}

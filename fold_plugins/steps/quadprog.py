@@ -168,6 +168,10 @@ def admm_qp(rho: float | Tensor = 0.1, sigma: float = 1e-6, alpha: float = 1.6,
         zn = clip_free(zr + y / R, l, u)  # free at the kink (as fp.projections.box)
         yn = y + R * (zr - zn)
         return xn, zn, yn
+    # per-instance algebra on explicit params only (ρ is detached): fold may skip its
+    # batch-independence probe (one VJP per backward) and its op recorder
+    step.batch_independent = True
+    step.record_captured = False
     return step
 
 

@@ -122,6 +122,10 @@ def fdpg_tv(step_size: float | Tensor | None = None) -> Callable[..., Tensor]:
             t = t.reshape(-1, 1)
         v = u + t * bmv(D, tv_primal(u, y, D))
         return clip_free(v, -lm, lm)  # free at the kink (as fp.projections.box)
+    # per-instance algebra on explicit params only (t is detached): fold may skip its
+    # batch-independence probe (one VJP per backward) and its op recorder
+    step.batch_independent = True
+    step.record_captured = False
     return step
 
 

@@ -135,7 +135,8 @@ class Reach:
 def sequence_mark(t: Tensor) -> int:
     """The autograd sequence number the next recorded op will get (nodes are numbered in the
     order they are made, per thread), from one throw-away view of the grad-requiring ``t``."""
-    return t.view_as(t).grad_fn._sequence_nr() + 1
+    with torch.enable_grad():  # fold may run under no_grad with forward-mode AD active
+        return t.view_as(t).grad_fn._sequence_nr() + 1
 
 
 def reach(outputs: Iterable[Tensor], state: Sequence[Tensor], inputs: Sequence[Tensor],

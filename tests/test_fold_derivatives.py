@@ -217,7 +217,10 @@ def test_step_without_recorder_finds_leaves_and_refuses_only_what_it_cannot_name
             xs = torch.tanh(lin(xs) + fwAD.unpack_dual(c).primal)
         with torch.enable_grad():
             got = fwAD.unpack_dual(fp.fold(Step(c, False), xs, tol=1e-13)).tangent
+        # and under no_grad with the dual as an explicit param (fold needs no grad mode)
+        got_nograd = fwAD.unpack_dual(fp.fold(Step(None, True), xs, c, tol=1e-13)).tangent
     assert got is not None and _rel(got, want) < 1e-8
+    assert got_nograd is not None and _rel(got_nograd, want) < 1e-8
 
 
 def test_third_order_raises_and_second_order_with_create_graph_is_still_exact():

@@ -140,7 +140,8 @@ class _Arnoldi:
     def __init__(self, b: Tensor, m: int, pc: MatVec | None):
         B, n = b.shape
         self.m, self.pc = m, pc
-        self.eps100 = 100 * torch.finfo(b.dtype).eps
+        # 0-dim tensors: an operation with a Python float wraps it into a tensor every call
+        self.eps100 = b.new_tensor(100 * torch.finfo(b.dtype).eps)
         self.tiny = torch.finfo(b.dtype).tiny
         self.V = b.new_empty(B, m + 1, n)  # Krylov basis, one row per vector
         self.zn = b.new_ones(B, m) if pc is not None else None  # ‖M⁻¹v_j‖ (for ‖A‖)
@@ -175,11 +176,11 @@ class _Arnoldi:
             w = torch.baddbmm(w, h, Vj, alpha=-1)
             h2 = torch.bmm(w, VjT)
             w = torch.baddbmm(w, h2, Vj, alpha=-1)
-            h = h + h2
+            h.add_(h2)
             hn = torch.linalg.vector_norm(w, dim=2, keepdim=True)
             # happy breakdown (an invariant subspace): a new direction that is round-off only
             # is dropped, never normalised into a non-orthogonal basis vector
-            keep = hn > eps100 * w0
+            keep = hn > w0.mul_(eps100)
             hk = hn * keep
             V[:, k: k + 1] = w * (keep / hn.clamp_min(tiny))
             # Givens on the last row only. r = 0 (a = h_{k+1,k} = 0: the column is exactly
@@ -195,7 +196,7 @@ class _Arnoldi:
             ss.append(s)
             L = torch.cat([L * -s, c], dim=2)
             est = est * s
-            if bool((est <= tol).all()):
+            if est.max().item() <= tol:
                 break
         self._est0 = est0
         return k

@@ -72,26 +72,32 @@ def fixed_point(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: flo
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     r = b - matvec(x) if x0 is not None else b.clone()
     n_mv = 1 if x0 is not None else 0
-    res = r.norm(dim=1) / denom
+    rnorm = r.norm(dim=1)
+    res = rnorm / denom
     active = res > tol
     diverged = torch.zeros(B, dtype=torch.bool, device=b.device)
     iters = torch.zeros(B, dtype=torch.int64, device=b.device)
     anorm = torch.zeros_like(res)  # ‖A‖ ≥ ‖A r‖/‖r‖ = ‖r − r_new‖/‖r‖ for each update r
+    tiny = torch.finfo(res.dtype).tiny
     k = 0
-    while k < maxiter and bool(active.any()):
+    n_active = int(active.sum())
+    while k < maxiter and n_active:
         k += 1
-        x = torch.where(active[:, None], x + r, x)
+        # every instance still iterating (the common case): no masking
+        x = x + r if n_active == B else torch.where(active[:, None], x + r, x)
         r_new = b - matvec(x)
         n_mv += 1
-        rn = r.norm(dim=1)
-        anorm = torch.maximum(anorm, torch.where(rn > 0, (r - r_new).norm(dim=1) / rn.clamp_min(
-            torch.finfo(rn.dtype).tiny), anorm))
-        r = torch.where(active[:, None], r_new, r)
-        res = r.norm(dim=1) / denom
-        iters = torch.where(active, torch.full_like(iters, k), iters)
-        blown = active & (~torch.isfinite(res) | (res > divergence_factor))
-        diverged |= blown
-        active = active & (res > tol) & ~blown
+        # A r = r − r_new (exactly 0 for a zero r: the operator is linear); fmax keeps a
+        # NaN of a blown-up instance out of the bound
+        anorm = torch.fmax(anorm, (r - r_new).norm(dim=1) / rnorm.clamp_min(tiny))
+        r = r_new if n_active == B else torch.where(active[:, None], r_new, r)
+        rnorm = r.norm(dim=1)
+        res = rnorm / denom
+        iters = iters + active  # active instances are the ones still counting
+        ok = res <= divergence_factor  # False for NaN/Inf too
+        diverged |= active & ~ok
+        active = active & ok & (res > tol)
+        n_active = int(active.sum())
     extra: dict = {}
     conv, extra_mv = _verdict(matvec, b, x, res, tol, anorm, extra)
     converged = conv & ~diverged

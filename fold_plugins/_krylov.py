@@ -142,6 +142,7 @@ class _Arnoldi:
         self.m, self.pc = m, pc
         # 0-dim tensors: an operation with a Python float wraps it into a tensor every call
         self.eps100 = b.new_tensor(100 * torch.finfo(b.dtype).eps)
+        self.zero = b.new_zeros(())
         self.tiny = torch.finfo(b.dtype).tiny
         self.V = b.new_empty(B, m + 1, n)  # Krylov basis, one row per vector
         self.zn = b.new_ones(B, m) if pc is not None else None  # ‖M⁻¹v_j‖ (for ‖A‖)
@@ -151,12 +152,12 @@ class _Arnoldi:
         """Arnoldi from ``r`` until every instance's estimate ``est0·∏s`` is ≤ ``tol``, the
         basis is full or ``budget`` iterations are spent; returns the iterations run
         (instances with ``est0 = 0`` are not waited for)."""
-        V, pc, eps100, tiny = self.V, self.pc, self.eps100, self.tiny
+        V, pc, eps100, tiny, zero = self.V, self.pc, self.eps100, self.tiny, self.zero
         V[:, 0] = r * torch.where(beta > 0, beta.reciprocal(), torch.zeros_like(beta))[:, None]
         L = r.new_ones(r.shape[0], 1, 1)  # the last row of Q so far, (B, 1, j + 1)
         est = est0.view(-1, 1, 1)
-        # per column j: h (B, 1, j+1), h_{j+1,j}, the finished row [cℓ] of Q and s
-        self.h, self.hk, self.f, self.s = hs, hks, fs, ss = [], [], [], []
+        # per column j: h (B, 1, j+1), h_{j+1,j}, ℓ (B, 1, j+1), c and s
+        self.h, self.hk, self.l, self.c, self.s = hs, hks, ls, cs, ss = [], [], [], [], []
         k = 0
         for j in range(min(self.m, budget)):
             if pc is None:
@@ -182,7 +183,7 @@ class _Arnoldi:
             # is dropped, never normalised into a non-orthogonal basis vector
             keep = hn > w0.mul_(eps100)
             hk = hn * keep
-            V[:, k: k + 1] = w * (keep / hn.clamp_min(tiny))
+            V[:, k: k + 1] = torch.where(keep, w / hn, zero)  # (w / 0 is never selected)
             # Givens on the last row only. r = 0 (a = h_{k+1,k} = 0: the column is exactly
             # zero, the instance broke down before) gives c = s = 0: that row of R is zero,
             # so y = 0 there, and every later column of the cycle is zero too
@@ -192,7 +193,8 @@ class _Arnoldi:
             s = hk / rr
             hs.append(h)
             hks.append(hk)
-            fs.append(L * c)
+            ls.append(L)  # row j of Q is [cℓ, s]: scaled by c when packed
+            cs.append(c)
             ss.append(s)
             L = torch.cat([L * -s, c], dim=2)
             est = est * s
@@ -212,14 +214,17 @@ class _Arnoldi:
         rows, cols = torch.tril_indices(k, k, device=beta.device)
         sub = torch.arange(k, device=beta.device)
 
-        def pack(lower: list[Tensor], upper: list[Tensor]) -> Tensor:
-            # row j: lower[j] in columns 0..j, upper[j] in column j + 1
+        def pack(lower: list[Tensor], upper: list[Tensor], scale: Tensor | None = None
+                 ) -> Tensor:
+            # row j: lower[j] in columns 0..j (times scale[j]), upper[j] in column j + 1
             out = beta.new_zeros(B, k, k + 1)
             out[:, rows, cols] = torch.cat(lower, dim=2)[:, 0]
+            if scale is not None:
+                out.mul_(scale)
             out[:, sub, sub + 1] = torch.cat(upper, dim=2)[:, 0]
             return out
         Ht = pack(self.h, self.hk)  # row j: column j of H̄
-        F = pack(self.f, self.s)  # row j: row j of Q
+        F = pack(self.l, self.s, torch.cat(self.c, dim=1))  # row j: row j of Q, [cℓ, s]
         R = torch.bmm(F, Ht.mT)  # upper triangular up to round-off (only its upper part used)
         diag = torch.diagonal(R, dim1=1, dim2=2)
         R = R + torch.diag_embed((diag == 0).to(R.dtype))  # broken-down columns: y = 0 there

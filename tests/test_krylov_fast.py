@@ -129,7 +129,7 @@ class _CountOps(TorchDispatchMode):
 def test_gmres_inner_loop_operation_budget():
     # dispatch, not arithmetic, is what a small Krylov iteration costs: count the aten
     # operations (views included) per iteration outside the operator; was 66 before the
-    # last-row Givens loop, is 32
+    # last-row Givens loop, is 30
     A, b = _system(B=2, n=24)
     counts = {}
     for iters in (6, 16):
@@ -144,4 +144,4 @@ def test_gmres_inner_loop_operation_budget():
             fp.solvers.gmres(mv, b, tol=0.0, maxiter=iters, restart=24)
         counts[iters] = mode.n
     per_iteration = (counts[16] - counts[6]) / 10
-    assert per_iteration <= 36, per_iteration
+    assert per_iteration <= 34, per_iteration

@@ -37,7 +37,8 @@ from torch import Tensor
 from fold_plugins import FoldError
 from fold_plugins import cones as K
 
-__all__ = ["ConeProgram", "admm_step", "factor", "kkt_residual"]
+__all__ = ["ConeProgram", "admm_step", "factor", "kkt_residual", "weighted_gram",
+           "x_update"]
 
 #: A sparse canonical matrix denser than this is applied as a cached dense matrix.
 DENSE_FRACTION = 0.05
@@ -81,7 +82,11 @@ class _ValuesGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, u: Tensor):
         xbar, rows, cols = ctx.saved_tensors
-        return u[..., rows] * xbar[..., cols], None, None, None, None
+        nx = xbar.shape[-1]
+        if rows.numel() * 4 >= u.shape[-1] * nx:  # dense: one gather from the outer product
+            outer = (u.unsqueeze(-1) * xbar.unsqueeze(-2)).flatten(-2)
+            return outer.index_select(-1, rows * nx + cols), None, None, None, None
+        return u.index_select(-1, rows) * xbar.index_select(-1, cols), None, None, None, None
 
 
 def _coo_matvec(values: Tensor, x: Tensor, rows: Tensor, cols: Tensor, shape: tuple[int, int],
@@ -223,18 +228,26 @@ class ConeProgram:
         return R
 
 
+def weighted_gram(prog: ConeProgram, Gv: Tensor, w: Tensor) -> Tensor:
+    """``Gᵀ diag(w) G`` (no grad), ``(B, n, n)``, from the sparse G (never a dense
+    ``(B, m, n)`` G); ``w (B, m)``."""
+    with torch.no_grad():
+        B = Gv.shape[0]
+        out = Gv.new_zeros(B, prog.n, prog.n)
+        idx = torch.stack([prog.G_rows, prog.G_cols]).to(Gv.device)
+        rows = prog.G_rows.to(Gv.device)
+        for b in range(B):
+            Gs = torch.sparse_coo_tensor(idx, Gv[b], (prog.m, prog.n))
+            WGs = torch.sparse_coo_tensor(idx, Gv[b] * w[b, rows], (prog.m, prog.n))
+            out[b] = torch.sparse.mm(Gs.t().coalesce(), WGs.coalesce()).to_dense()
+        return out
+
+
 def factor(prog: ConeProgram, Pv: Tensor | None, Gv: Tensor, R: Tensor, sigma: float
            ) -> Tensor:
     """Cholesky factor of ``M = P + σI + GᵀRG`` (no grad), ``(B, n, n)``."""
     with torch.no_grad():
-        B = Gv.shape[0]
-        M = prog.dense_P(Pv, B, Gv)
-        idx = torch.stack([prog.G_rows, prog.G_cols]).to(Gv.device)
-        for b in range(B):  # GᵀRG from the sparse G: never a dense (B, m, n) G
-            Gs = torch.sparse_coo_tensor(idx, Gv[b], (prog.m, prog.n))
-            RGs = torch.sparse_coo_tensor(idx, Gv[b] * R[b, prog.G_rows.to(Gv.device)],
-                                          (prog.m, prog.n))
-            M[b] += torch.sparse.mm(Gs.t().coalesce(), RGs.coalesce()).to_dense()
+        M = prog.dense_P(Pv, Gv.shape[0], Gv) + weighted_gram(prog, Gv, R)
         M.diagonal(dim1=1, dim2=2).add_(sigma)
         L, info = torch.linalg.cholesky_ex(M)
         if bool((info != 0).any()):
@@ -245,19 +258,27 @@ def factor(prog: ConeProgram, Pv: Tensor | None, Gv: Tensor, R: Tensor, sigma: f
         return L
 
 
+def x_update(prog: ConeProgram, L: Tensor, R: Tensor, dense: tuple[Any, Any],
+             state: tuple[Tensor, Tensor, Tensor], P: Tensor | None, q: Tensor, A: Tensor
+             ) -> tuple[Tensor, Tensor]:
+    """``(x⁺, Gx⁺ + h)`` of (2) (the projection's argument is ``Gx⁺ + h − R⁻¹y``)."""
+    Pd, Gd = dense
+    x, s, y = state
+    Pv, c, Gv, h = prog.split(P, q, A)
+    rx = prog.P(Pv, x, Pd) + c - prog.GT(Gv, y + R * (s - prog.G(Gv, x, Gd) - h), Gd)
+    x1 = x - torch.cholesky_solve(rx.unsqueeze(-1), L).squeeze(-1)
+    return x1, prog.G(Gv, x1, Gd) + h
+
+
 def admm_step(prog: ConeProgram, L: Tensor, R: Tensor,
               dense: tuple[Any, Any] = (None, None)):
     """The update (2) as ``step((x, s, y), P, q, A) -> (x, s, y)`` on cvxpylayers' values
     (``dense``: detached dense P and G of these values, see :meth:`ConeProgram.dense_caches`)."""
-    Pd, Gd = dense
 
     def step(state: tuple[Tensor, Tensor, Tensor], P: Tensor | None, q: Tensor, A: Tensor
              ) -> tuple[Tensor, Tensor, Tensor]:
-        x, s, y = state
-        Pv, c, Gv, h = prog.split(P, q, A)
-        rx = prog.P(Pv, x, Pd) + c - prog.GT(Gv, y + R * (s - prog.G(Gv, x, Gd) - h), Gd)
-        x1 = x - torch.cholesky_solve(rx.unsqueeze(-1), L).squeeze(-1)
-        Gx1h = prog.G(Gv, x1, Gd) + h
+        y = state[2]
+        x1, Gx1h = x_update(prog, L, R, dense, state, P, q, A)
         s1 = K.product(Gx1h - y / R, prog.dims)
         y1 = y + R * (s1 - Gx1h)
         return x1, s1, y1

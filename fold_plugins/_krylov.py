@@ -142,7 +142,7 @@ class _Arnoldi:
         self.m, self.pc = m, pc
         # 0-dim tensors: an operation with a Python float wraps it into a tensor every call
         self.eps100 = b.new_tensor(100 * torch.finfo(b.dtype).eps)
-        self.zero = b.new_zeros(())
+        self.zero, self.one = b.new_zeros(()), b.new_ones(())
         self.tiny = torch.finfo(b.dtype).tiny
         self.V = b.new_empty(B, m + 1, n)  # Krylov basis, one row per vector
         self.zn = b.new_ones(B, m) if pc is not None else None  # ‖M⁻¹v_j‖ (for ‖A‖)
@@ -210,21 +210,20 @@ class _Arnoldi:
     def update(self, k: int, beta: Tensor) -> tuple[Tensor, Tensor]:
         """The cycle's correction ``V_k y`` (``y`` minimising ``‖βe₁ − H̄y‖``) and the cycle's
         lower bound on ``‖A‖`` (the largest ``‖A v_j‖ = ‖H̄ e_j‖``, over ``‖M⁻¹v_j‖``)."""
-        B = beta.shape[0]
-        rows, cols = torch.tril_indices(k, k, device=beta.device)
-        sub = torch.arange(k, device=beta.device)
+        B, dev = beta.shape[0], beta.device
+        # row j of a packed (k, k+1) matrix: j + 1 entries, then one more in column j + 1
+        rows, cols = torch.tril_indices(k, k + 1, offset=1, device=dev)
+        flat = rows * (k + 1) + cols
 
-        def pack(lower: list[Tensor], upper: list[Tensor], scale: Tensor | None = None
-                 ) -> Tensor:
-            # row j: lower[j] in columns 0..j (times scale[j]), upper[j] in column j + 1
-            out = beta.new_zeros(B, k, k + 1)
-            out[:, rows, cols] = torch.cat(lower, dim=2)[:, 0]
-            if scale is not None:
-                out.mul_(scale)
-            out[:, sub, sub + 1] = torch.cat(upper, dim=2)[:, 0]
-            return out
+        def pack(lower: list[Tensor], upper: list[Tensor]) -> Tensor:
+            out = beta.new_zeros(B, k * (k + 1))
+            parts = [t for pair in zip(lower, upper) for t in pair]
+            out.index_copy_(1, flat, torch.cat(parts, dim=2)[:, 0])
+            return out.view(B, k, k + 1)
         Ht = pack(self.h, self.hk)  # row j: column j of H̄
-        F = pack(self.l, self.s, torch.cat(self.c, dim=1))  # row j: row j of Q, [cℓ, s]
+        F = pack(self.l, self.s)  # row j: [ℓ_j, s_j] …
+        below = torch.ones(k, k + 1, dtype=torch.bool, device=dev).tril()
+        F = F * torch.where(below, torch.cat(self.c, dim=1), self.one)  # … row j of Q: [cℓ, s]
         R = torch.bmm(F, Ht.mT)  # upper triangular up to round-off (only its upper part used)
         diag = torch.diagonal(R, dim1=1, dim2=2)
         R = R + torch.diag_embed((diag == 0).to(R.dtype))  # broken-down columns: y = 0 there

@@ -228,17 +228,18 @@ def _probe(matvec: MatVec, b: Tensor) -> _Costs:
     M = torch.eye(nl, dtype=dt, device=dev).expand(Bl, nl, nl) + 1e-3
     _, tl = _timed(lambda: torch.linalg.lu_factor_ex(M), dev)
     lu = 2.0 * tl * (B * n ** 3) / (Bl * nl ** 3)  # LU, then rcond + residual: ≈ 2 LUs
-    # GMRES's own kernels: two bmm + two baddbmm at half a restart's basis, ~40 small ops
+    # GMRES's own kernels (fold_plugins._krylov): two bmm + two baddbmm at half a restart's
+    # basis, in the orientation it uses, and ~30 small ops
     kb = max(1, min(n, AUTO_GMRES_ITERS_GUESS) // 2)
     V = b.new_ones(B, kb, n)
     w = b.unsqueeze(1)
 
     def orth() -> Tensor:
-        h = torch.bmm(V, w.mT)
-        return torch.baddbmm(w, h.mT, V, alpha=-1)
+        h = torch.bmm(w, V.mT)
+        return torch.baddbmm(w, h, V, alpha=-1)
     _, tb = _timed(orth, dev)
     _, tsmall = _timed(lambda: [b.norm(dim=1) for _ in range(10)], dev)
-    return _Costs(vjp=t1, col=col, lu=lu, over=2 * tb + 4 * tsmall)
+    return _Costs(vjp=t1, col=col, lu=lu, over=2 * tb + 3 * tsmall)
 
 
 def _estimates(c: _Costs, n: int) -> tuple[float, float]:

@@ -21,8 +21,11 @@ Methods (each measured on the same instances in the same run):
 Baseline of every ratio: **folded gmres** on the same (n, B).
 
 **VJP floor**: ``#VJPs × (median time of one VJP of the step at x*)``, the least a backward
-made of that many sequential operator applications can cost; ``backward ÷ floor`` is what the
-Krylov method adds (orthogonalisation, bookkeeping, the final verdict).
+made of that many sequential operator applications can cost; the VJP is timed through the
+entry point the backward solvers call (``v ↦ v − Φᵀv``, one engine call and one subtraction),
+back to back. ``backward ÷ floor`` is what the Krylov method adds (orthogonalisation,
+bookkeeping, the final verdict) and the rest of the backward (the batch-independence probe,
+the parameter VJP).
 """
 
 from __future__ import annotations

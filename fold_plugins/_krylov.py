@@ -80,8 +80,7 @@ def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
         # judge each instance by its true residual at every restart: the Givens estimate can
         # claim convergence that round-off (ill-conditioning) has not delivered
         done = rel <= tol
-        iters = torch.where(done & (iters < 0), torch.full_like(iters, total), iters)
-        iters = torch.where(done, iters, torch.full_like(iters, -1))
+        iters = torch.where(done, torch.where(iters < 0, total, iters), -1)
         # stagnation: a whole cycle that gained < 1 % means round-off (e.g. a step accurate
         # only to ~1e-10) bounds the residual; more cycles would only burn VJPs
         if total > 0:
@@ -98,11 +97,10 @@ def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
                           maxiter - total)
         n_mv += k
         total += k
-        # first iteration of this cycle at which each instance's estimate met tol
-        met = arnoldi.estimates(k) <= tol
-        first = torch.where(met.any(dim=1), met.float().argmax(dim=1) + 1,
-                            torch.full_like(iters, k))
-        iters = torch.where(~done & (iters < 0) & met.any(dim=1), total - k + first, iters)
+        # the iteration at which each instance's estimate first met tol: the estimates never
+        # increase (each is the last times s ≤ 1), so it is the count of those that met it
+        met = (arnoldi.estimates(k) <= tol).sum(dim=1)
+        iters = torch.where(~done & (iters < 0) & (met > 0), (total + 1) - met, iters)
         step, a_k = arnoldi.update(k, beta)
         anorm = torch.maximum(anorm, a_k)
         x = x + (step if pc is None else pc(step))

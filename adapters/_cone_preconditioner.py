@@ -50,7 +50,7 @@ from torch import Tensor
 
 from fold_plugins import cones as K
 
-from ._cone_program import ConeProgram, weighted_gram, x_update
+from ._cone_program import ConeProgram, chol_solve, dense_mv, shared, weighted_gram, x_update
 
 __all__ = ["cone_admm", "ConeBlocks", "cone_blocks"]
 
@@ -126,9 +126,9 @@ class BlockFunction:
         return out
 
     def add_gram(self, H: Tensor, prog: ConeProgram, Gv: Tensor, Gd: Tensor | None,
-                 shared: bool) -> Tensor:
+                 one_G: bool) -> Tensor:
         """``H += Gᵀ · self · G`` for ``H (B, n, n)`` (``Gd``: dense ``(B, m, n)`` G, or
-        ``None`` when the program has zero and nonnegative cones only; ``shared``: G is the
+        ``None`` when the program has zero and nonnegative cones only; ``one_G``: G is the
         same for all instances, ``Gd (1, m, n)``)."""
         B, d0 = self.diag.shape
         n = prog.n
@@ -141,7 +141,7 @@ class BlockFunction:
         for rows, alpha, ubar, C in self.soc:
             k, w = rows.shape
             Gb = Gd[:, rows.reshape(-1)].reshape(Gd.shape[0], k, w, n)    # (B|1, k, w, n)
-            if shared and k * n * n <= 2 ** 24:  # one Gram per cone, weighted per instance
+            if one_G and k * n * n <= 2 ** 24:  # one Gram per cone, weighted per instance
                 gram = (Gb[0].transpose(-1, -2) @ Gb[0]).reshape(k, n * n)
                 H.add_((alpha @ gram).reshape(B, n, n))
             else:
@@ -229,16 +229,19 @@ def cone_admm(prog: ConeProgram, P: Tensor | None, q: Tensor, A: Tensor,
         Pv, _, Gv, h = prog.split(P, q, A)
         _, Gx1h = x_update(prog, L, R, dense, (x, s, y), P, q, A)
         D = cone_blocks(Gx1h - y / R, prog.dims)
-        shared = Gv.shape[0] == 1 or bool((Gv == Gv[:1]).all())
+        one_G = shared(Gv)
         Gd = None
         if D.soc or D.dense:
-            Gd = dense[1][0] if dense[1] is not None else prog.dense_G(Gv)
-            Gd = Gd[:1] if shared else Gd
+            Gd = dense[1][0] if dense[1] is not None else prog.dense_G(Gv[:1] if one_G else Gv)
         e = float(torch.finfo(dt).eps) ** 0.5 if eps is None else float(eps)
         shift = e * R / R.amin(1, keepdim=True).clamp(min=torch.finfo(dt).tiny)
         Dinv = D.function(_inv, shift, torch.ones_like(R))                # D_ε⁻¹
         RW = D.function(_weight, shift, R)                                 # R D_ε⁻¹(I − D)
-        H = RW.add_gram(prog.dense_P(Pv, B, x), prog, Gv, Gd, shared)    # (C3)
+        if dense[0] is not None:  # the step's dense P (shared or per instance), symmetrised
+            H = (0.5 * (dense[0][0] + dense[0][1])).expand(B, -1, -1).clone()
+        else:
+            H = prog.dense_P(Pv, B, x)
+        H = RW.add_gram(H, prog, Gv, Gd, one_G)                          # (C3)
         Lh, status = torch.linalg.cholesky_ex(0.5 * (H + H.transpose(1, 2)))
         ok = status == 0
         all_ok = bool(ok.all())
@@ -247,8 +250,8 @@ def cone_admm(prog: ConeProgram, P: Tensor | None, q: Tensor, A: Tensor,
         Rinv = 1 / R
         if dense[1] is not None:
             Gm, GTm = dense[1]
-            G = lambda u: (Gm @ u.unsqueeze(-1)).squeeze(-1)               # noqa: E731
-            GT = lambda w: (GTm @ w.unsqueeze(-1)).squeeze(-1)             # noqa: E731
+            G = lambda u: dense_mv(Gm, u)                                   # noqa: E731
+            GT = lambda w: dense_mv(GTm, w)                                 # noqa: E731
         else:
             G = lambda u: prog.G(Gv, u)                                     # noqa: E731
             GT = lambda w: prog.GT(Gv, w)                                   # noqa: E731
@@ -257,7 +260,7 @@ def cone_admm(prog: ConeProgram, P: Tensor | None, q: Tensor, A: Tensor,
         """Eq. (C4): cotangents of ``(r_x, r_s, r_y)`` from those of ``(dx, ds, dy)``."""
         gx, gs, gy = g[:, :n], g[:, n:n + m], g[:, n + m:]
         rhs = gx + GT(gs - RW.mv(gy))
-        p = torch.cholesky_solve(rhs.unsqueeze(-1), Lh).squeeze(-1)
+        p = chol_solve(Lh, rhs)
         Gp = G(p)
         out = torch.cat([gx + sigma * p, gs + R * Gp, Dinv.mv(gy + Gp) - Gp - Rinv * gs], 1)
         return out if all_ok else torch.where(ok[:, None], out, g)

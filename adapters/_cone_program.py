@@ -38,29 +38,45 @@ from fold_plugins import FoldError
 from fold_plugins import cones as K
 
 __all__ = ["ConeProgram", "admm_step", "factor", "kkt_residual", "weighted_gram",
-           "x_update"]
+           "x_update", "dense_mv", "shared", "chol_solve"]
 
 #: A sparse canonical matrix denser than this is applied as a cached dense matrix.
 DENSE_FRACTION = 0.05
 
 
+def chol_solve(L: Tensor, b: Tensor) -> Tensor:
+    """``(LLᵀ)⁻¹ b`` per instance (``L (B, n, n)``, ``b (B, n)``) by two triangular solves
+    (``cholesky_solve`` copies ``L`` on every call: 3× slower at n = 200)."""
+    z = torch.linalg.solve_triangular(L, b.unsqueeze(-1), upper=False)
+    return torch.linalg.solve_triangular(L.mT, z, upper=True).squeeze(-1)
+
+
+def dense_mv(D: Tensor, x: Tensor) -> Tensor:
+    """``D x`` per instance for ``D (B, m, n)``; ``D (1, m, n)`` (shared by every instance)
+    as one matrix product ``x Dᵀ`` (reads D once, not B times)."""
+    if D.shape[0] == 1:
+        return x @ D[0].transpose(0, 1)
+    return (D @ x.unsqueeze(-1)).squeeze(-1)
+
+
 class _DenseMatvec(torch.autograd.Function):
-    """``D x`` with a cached dense ``D`` (and its contiguous transpose for the VJP ``Dᵀu``)."""
+    """``D x`` with a cached dense ``D`` (and its contiguous transpose for the VJP ``Dᵀu``);
+    a ``(1, m, n)`` ``D`` is shared by every instance."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x: Tensor, D: Tensor, DT: Tensor) -> Tensor:
-        return (D @ x.unsqueeze(-1)).squeeze(-1)
+        return x @ DT[0] if D.shape[0] == 1 else (D @ x.unsqueeze(-1)).squeeze(-1)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[2])
+        ctx.save_for_backward(inputs[1] if inputs[1].shape[0] == 1 else inputs[2])
 
     @staticmethod
     def backward(ctx, u: Tensor):
-        (DT,) = ctx.saved_tensors
-        return (DT @ u.unsqueeze(-1)).squeeze(-1), None, None
+        (S,) = ctx.saved_tensors  # D (shared) or Dᵀ (per instance)
+        return (u @ S[0] if S.shape[0] == 1 else (S @ u.unsqueeze(-1)).squeeze(-1)), None, None
 
 
 class _ValuesGrad(torch.autograd.Function):
@@ -102,6 +118,24 @@ def _coo_matvec(values: Tensor, x: Tensor, rows: Tensor, cols: Tensor, shape: tu
     return x.new_zeros(x.shape[0], m).index_add(1, r, values * x[:, c])
 
 
+def _depends_on_parameters(reduced: Any, first: int | None) -> bool:
+    """Whether the first ``first`` canonical values (all: ``None``) of cvxpy's ``ReducedMat``
+    (rows: values in CSC order; columns: parameter entries, then the constant) depend on a
+    parameter. Unknown layouts count as dependent (gradients are then formed)."""
+    mat = getattr(reduced, "reduced_mat", None)
+    if mat is None or not hasattr(mat, "tocsr"):
+        return True
+    mat = mat.tocsr()
+    if mat.shape[1] <= 1:
+        return False
+    return bool(abs(mat[:first, :-1]).sum() != 0)
+
+
+def shared(values: Tensor) -> bool:
+    """Whether every instance (row) of ``values (B, k)`` is the same."""
+    return values.shape[0] == 1 or bool((values == values[:1]).all())
+
+
 @dataclass
 class ConeProgram:
     """Sparsity structure of (1), from cvxpylayers' ``LayersContext`` (torch index tensors)."""
@@ -114,6 +148,9 @@ class ConeProgram:
     G_rows: Tensor
     G_cols: Tensor
     h_rows: Tensor
+    #: whether P's / G's values depend on a parameter (else no gradient is formed for them)
+    P_param: bool = True
+    G_param: bool = True
 
     @property
     def nnz_P(self) -> int:
@@ -154,16 +191,20 @@ class ConeProgram:
             raise FoldError(f"FoldedSolver: cone sizes add up to {dims.size} but the program "
                             f"has {m} constraint rows; this cvxpylayers layout is not supported.")
         last = cols == n
+        nnz_G = int((~last).sum())
         return cls(n=n, m=m, dims=dims, P_rows=P_rows, P_cols=P_cols,
                    G_rows=torch.as_tensor(idx[~last], dtype=torch.long),
                    G_cols=torch.as_tensor(cols[~last], dtype=torch.long),
-                   h_rows=torch.as_tensor(idx[last], dtype=torch.long))
+                   h_rows=torch.as_tensor(idx[last], dtype=torch.long),
+                   P_param=_depends_on_parameters(ctx.reduced_P, None),
+                   G_param=_depends_on_parameters(ctx.reduced_A, nnz_G))
 
     # ------------------------------------------------------------------ data from values
     def split(self, P: Tensor | None, q: Tensor, A: Tensor
               ) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
         """``(P values, c (B, n), G values, h (B, m))`` from cvxpylayers' ``(P, q, A)``."""
-        Gv = A[:, :self.nnz_G]
+        Gv = A[:, :self.nnz_G] if self.G_param else A[:, :self.nnz_G].detach()
+        P = P if (P is None or self.P_param) else P.detach()
         h = A.new_zeros(A.shape[0], self.m).index_add(1, self.h_rows.to(A.device),
                                                       A[:, self.nnz_G:])
         return P, q[:, :self.n], Gv, h
@@ -186,10 +227,13 @@ class ConeProgram:
 
     def dense_caches(self, Pv: Tensor | None, Gv: Tensor) -> tuple[Any, Any]:
         """Detached dense ``(P, Pᵀ)`` and ``(G, Gᵀ)`` (contiguous) where they are denser than
-        :data:`DENSE_FRACTION` (else ``None``: applied by scatter)."""
+        :data:`DENSE_FRACTION` (else ``None``: applied by scatter); ``(1, ·, ·)`` where every
+        instance has the same values (e.g. only ``c`` or ``h`` is a parameter)."""
         with torch.no_grad():
             Pd = Gd = None
             if Pv is not None and self.nnz_P > DENSE_FRACTION * self.n * self.n:
+                Pv = Pv.detach()
+                Pv = Pv[:1] if shared(Pv) else Pv
                 B = Pv.shape[0]
                 Pd = Pv.new_zeros(B, self.n, self.n)
                 b = torch.arange(B, device=Pv.device)[:, None]
@@ -197,7 +241,8 @@ class ConeProgram:
                                self.P_cols.to(Pv.device)[None]), Pv, accumulate=True)
                 Pd = (Pd, Pd.transpose(1, 2).contiguous())
             if self.nnz_G > DENSE_FRACTION * self.m * self.n:
-                G = self.dense_G(Gv.detach())
+                Gv = Gv.detach()
+                G = self.dense_G(Gv[:1] if shared(Gv) else Gv)
                 Gd = (G, G.transpose(1, 2).contiguous())
             return Pd, Gd
 
@@ -266,7 +311,7 @@ def x_update(prog: ConeProgram, L: Tensor, R: Tensor, dense: tuple[Any, Any],
     x, s, y = state
     Pv, c, Gv, h = prog.split(P, q, A)
     rx = prog.P(Pv, x, Pd) + c - prog.GT(Gv, y + R * (s - prog.G(Gv, x, Gd) - h), Gd)
-    x1 = x - torch.cholesky_solve(rx.unsqueeze(-1), L).squeeze(-1)
+    x1 = x - chol_solve(L, rx)
     return x1, prog.G(Gv, x1, Gd) + h
 
 

@@ -14,6 +14,7 @@ pytest.importorskip("cvxpylayers")
 pytest.importorskip("clarabel")
 
 from cvxpylayers.torch import CvxpyLayer  # noqa: E402
+from test_cvxpylayers_plugin import PROBLEMS  # noqa: E402  (same folder, on sys.path)
 
 from fold_plugins import cones as K  # noqa: E402
 from fold_plugins.adapters._cone_preconditioner import cone_admm, cone_blocks  # noqa: E402
@@ -21,8 +22,6 @@ from fold_plugins.adapters._cone_program import admm_step  # noqa: E402
 from fold_plugins.adapters.cvxpylayers import FoldedSolver, cvxpylayers_reference  # noqa: E402
 from fold_plugins.adapters.diffcp import diffcp_reference  # noqa: E402
 from fold_plugins.fold import linearize  # noqa: E402
-
-from test_cvxpylayers_plugin import PROBLEMS  # noqa: E402  (same folder, on sys.path)
 
 F64 = torch.float64
 
@@ -110,3 +109,20 @@ def test_preconditioned_backward_needs_few_vjps_and_matches_references(kind):
             torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
     for a, b in zip(grads[True], grads[False]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_auto_preconditions_mostly_polyhedral_programs_and_bad_values_are_named():
+    for kind, on in (("qp", True), ("lp", True), ("socp", False)):
+        prob, ps, vs, vals = PROBLEMS[kind]()
+        counts, grads = {}, {}
+        for pre in ("auto", on):
+            sol = FoldedSolver(precondition=pre)
+            layer = CvxpyLayer(prob, parameters=ps, variables=vs, solver=sol)
+            ts = [t.clone().requires_grad_(True) for t in vals]
+            grads[pre] = torch.autograd.grad(layer(*ts)[0].sum(), ts)
+            counts[pre] = sol.last_info.backward_matvecs
+        assert counts["auto"] == counts[on], (kind, counts)
+        for a, b in zip(grads["auto"], grads[on]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(Exception, match="precondition must be True, False or 'auto', got 'yes'"):
+        FoldedSolver(precondition="yes")

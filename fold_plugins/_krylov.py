@@ -228,8 +228,9 @@ class _Arnoldi:
         y = torch.linalg.solve_triangular(R, beta[:, None, None] * F[:, :, :1], upper=True)
         step = torch.bmm(y.mT, self.V[:, :k]).squeeze(1)
         col = Ht.norm(dim=2)
-        if self.pc is not None:
-            col = col / self.zn[:, :k]
+        if self.pc is not None:  # a zero z_j (an instance that broke down) has a zero column
+            zn = self.zn[:, :k]
+            col = col / torch.where(zn > 0, zn, self.one)
         return step, col.amax(dim=1)
 
 

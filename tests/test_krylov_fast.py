@@ -145,3 +145,22 @@ def test_gmres_inner_loop_operation_budget():
         counts[iters] = mode.n
     per_iteration = (counts[16] - counts[6]) / 10
     assert per_iteration <= 34, per_iteration
+
+
+def test_preconditioned_breakdown_keeps_the_round_off_floor_finite():
+    # instance 0 (A = I − rank 1) breaks down after two iterations while instance 1 goes on:
+    # its later basis vectors, preconditioned, are exactly zero; the ‖A‖ bound behind the
+    # round-off floor must not become 0/0 there
+    g = torch.Generator().manual_seed(4)
+    n = 12
+    A0 = torch.eye(n, dtype=DT) - 0.5 * torch.outer(torch.randn(n, generator=g, dtype=DT),
+                                                    torch.randn(n, generator=g, dtype=DT)) / n
+    A1 = torch.eye(n, dtype=DT) - 0.6 * torch.randn(n, n, generator=g, dtype=DT) / n ** 0.5
+    A = torch.stack([A0, A1])
+    b = torch.randn(2, n, generator=g, dtype=DT)
+    # M⁻¹ = 2I keeps A M⁻¹ a rank-one change of a multiple of I
+    x, info = fp.solvers.gmres(_matvec(A), b, tol=1e-12, preconditioner=lambda v: 2.0 * v)
+    assert torch.isfinite(info.extra["roundoff_floor"]).all(), info.extra["roundoff_floor"]
+    assert int(info.iterations[0]) <= 2 < int(info.iterations[1])
+    truth = torch.linalg.solve(A, b)
+    assert ((x - truth).norm(dim=1) / truth.norm(dim=1)).max() < 1e-10

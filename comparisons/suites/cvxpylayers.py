@@ -19,7 +19,10 @@ instance's ``‖∇ − ∇_truth‖ / ‖∇_truth‖``. Peak memory is that of
 
 Methods: **cvxpylayers** (diffcp + SCS, default tolerances), **cvxpylayers + Clarabel**
 (diffcp with ``solve_method="Clarabel"``), **FoldedSolver** (Clarabel forward, GMRES folded
-backward), **FoldedSolver torch** (``forward="torch"``: batched ADMM; LPs and QPs).
+backward; ``precondition="auto"`` preconditions it on the LP and QP), **FoldedSolver, no
+preconditioner** (the same with ``precondition=False``; LPs and QPs), **FoldedSolver torch**
+(``forward="torch"``: batched ADMM; LPs and QPs). The folded methods' backward VJP count
+(GMRES matrix-vector products) is reported next to their times.
 Baseline of every ratio: cvxpylayers (the default) on the same problem, ``n`` and ``B``.
 """
 
@@ -43,7 +46,11 @@ INTRO = ("Switches an existing CvxpyLayer to the folded backward with one keywor
          "(solver=FoldedSolver()) and measures time, memory and gradient error against "
          "cvxpylayers' own backends on LP, QP, SOCP and exponential-cone layers.")
 BASELINE = "cvxpylayers"
-METHODS = ("cvxpylayers", "cvxpylayers + Clarabel", "FoldedSolver", "FoldedSolver torch")
+METHODS = ("cvxpylayers", "cvxpylayers + Clarabel", "FoldedSolver",
+           "FoldedSolver, no preconditioner", "FoldedSolver torch")
+#: methods run on LPs and QPs only (the torch forward; the unpreconditioned comparison, where
+#: ``precondition="auto"`` is on)
+POLYHEDRAL_ONLY = ("FoldedSolver, no preconditioner", "FoldedSolver torch")
 KINDS = ("LP", "QP", "SOCP", "exp")
 
 
@@ -144,7 +151,9 @@ def _qp_truth(P: Tensor) -> Callable[[Tensor], Tensor]:
 
 # ----------------------------------------------------------------------------- methods
 
-def _layer(method: str, prob: Any, params: list, variables: list) -> Callable | None:
+def _layer(method: str, prob: Any, params: list, variables: list
+           ) -> tuple[Callable[[Tensor], Tensor], Any]:
+    """``(call(θ) -> x, the FoldedSolver or None)`` for one method."""
     from cvxpylayers.torch import CvxpyLayer
 
     from fold_plugins.adapters.cvxpylayers import FoldedSolver
@@ -158,6 +167,9 @@ def _layer(method: str, prob: Any, params: list, variables: list) -> Callable | 
     elif method == "FoldedSolver":
         lay = CvxpyLayer(prob, params, variables, solver=FoldedSolver())
         args = {}
+    elif method == "FoldedSolver, no preconditioner":
+        lay = CvxpyLayer(prob, params, variables, solver=FoldedSolver(precondition=False))
+        args = {}
     else:
         lay = CvxpyLayer(prob, params, variables, solver=FoldedSolver(forward="torch"))
         args = {}
@@ -168,13 +180,13 @@ def _layer(method: str, prob: Any, params: list, variables: list) -> Callable | 
             warnings.filterwarnings("ignore", message=r"Solved/Inaccurate")
             return lay(theta, solver_args=args)[0]
 
-    return call
+    return call, lay.ctx.solver if method.startswith("FoldedSolver") else None
 
 
 def _measure(method: str, kind: str, n: int, B: int, cfg: Config, truth_grad: Tensor,
              built: tuple) -> dict[str, Any]:
     prob, params, variables, theta, _ = built
-    call = _layer(method, prob, params, variables)
+    call, solver = _layer(method, prob, params, variables)
     gvec = torch.randn(B, n, generator=torch.Generator().manual_seed(cfg.seed + 7),
                        dtype=theta.dtype)
     grads: list[Tensor] = []
@@ -191,6 +203,7 @@ def _measure(method: str, kind: str, n: int, B: int, cfg: Config, truth_grad: Te
     repeats = cfg.pick(tiny=cfg.repeats, quick=min(cfg.repeats, 2), full=cfg.repeats)
     timing = time_phases(once, torch.device("cpu"), repeats, warmup=cfg.warmup,
                          budget_s=cfg.pick(tiny=5.0, quick=20.0, full=60.0))
+    vjps = None if solver is None else int(solver.last_info.backward_matvecs)
     err = float(((grads[-1] - truth_grad).norm(dim=1)
                  / truth_grad.norm(dim=1).clamp(min=1e-300)).max())
     th = theta.clone().requires_grad_(True)
@@ -200,7 +213,7 @@ def _measure(method: str, kind: str, n: int, B: int, cfg: Config, truth_grad: Te
                          torch.device("cpu"))
     return {"forward": timing.median("forward"), "backward": timing.median("backward"),
             "total": timing.median("total"), "error": err, "memory": mem.peak,
-            "repeats": timing.repeats, "note": timing.note}
+            "repeats": timing.repeats, "note": timing.note, "vjps": vjps}
 
 
 def _grid(cfg: Config) -> list[tuple[str, int, int]]:
@@ -228,7 +241,7 @@ def run(cfg: Config) -> SuiteResult:
             continue
         point: dict[str, Any] = {}
         for method in METHODS:
-            if method == "FoldedSolver torch" and kind not in ("LP", "QP"):
+            if method in POLYHEDRAL_ONLY and kind not in ("LP", "QP"):
                 continue
             try:
                 point[method] = _measure(method, kind, n, B, cfg, truth, built)
@@ -238,11 +251,12 @@ def run(cfg: Config) -> SuiteResult:
         base = point.get(BASELINE, {})
         for method, r in point.items():
             if "failed" in r:
-                rows.append([key, method, "failed: " + r["failed"], "", "", "", "", ""])
+                rows.append([key, method, "failed: " + r["failed"], "", "", "", "", "", ""])
                 continue
             ratio = (lambda ph: fmt_ratio(base.get(ph, math.nan) / r[ph])  # noqa: E731
                      if "failed" not in base else "—")
             rows.append([key, method, fmt_ms(r["forward"]), fmt_ms(r["backward"]),
+                         "—" if r.get("vjps") is None else str(r["vjps"]),
                          fmt_ms(r["total"]), f"{ratio('backward')} / {ratio('total')}",
                          fmt_err(r["error"]), fmt_bytes(r["memory"])])
     res.data = {"points": data}
@@ -251,14 +265,16 @@ def run(cfg: Config) -> SuiteResult:
         if "backward" in base and "backward" in ours:
             bwd = fmt_ratio(base["backward"] / ours["backward"])
             res.headline.append(
-                f"{key}: cvxpylayers ÷ FoldedSolver backward {bwd}, "
+                f"{key}: cvxpylayers ÷ FoldedSolver backward {bwd} ({ours.get('vjps')} VJPs), "
                 f"forward+backward {fmt_ratio(base['total'] / ours['total'])}; gradient error "
                 f"{fmt_err(ours['error'])} (cvxpylayers {fmt_err(base['error'])})")
     res.markdown = (
         "Times are medians (ms, one thread); ratios are cvxpylayers (default) ÷ method, for the "
         "backward and for forward + backward; gradient error is the worst instance's relative "
-        "error against the closed-form truth; memory is the backward's peak.\n\n"
-        + table(["problem", "method", "forward", "backward", "fwd+bwd",
+        "error against the closed-form truth; memory is the backward's peak; bwd VJPs: the "
+        "folded backward's vector-Jacobian products of the step (GMRES matrix-vector products, "
+        "including its residual checks).\n\n"
+        + table(["problem", "method", "forward", "backward", "bwd VJPs", "fwd+bwd",
                  "speed-up bwd / fwd+bwd", "grad error", "peak bwd memory"], rows)
         + "\n" + _targets(data))
     try:

@@ -230,9 +230,9 @@ def cone_admm(prog: ConeProgram, P: Tensor | None, q: Tensor, A: Tensor,
         _, Gx1h = x_update(prog, L, R, dense, (x, s, y), P, q, A)
         D = cone_blocks(Gx1h - y / R, prog.dims)
         one_G = shared(Gv)
-        Gd = None
-        if D.soc or D.dense:
-            Gd = dense[1][0] if dense[1] is not None else prog.dense_G(Gv[:1] if one_G else Gv)
+        Gd = dense[1][0] if dense[1] is not None else None
+        if Gd is None and (D.soc or D.dense):
+            Gd = prog.dense_G(Gv[:1] if one_G else Gv)
         e = float(torch.finfo(dt).eps) ** 0.5 if eps is None else float(eps)
         shift = e * R / R.amin(1, keepdim=True).clamp(min=torch.finfo(dt).tiny)
         Dinv = D.function(_inv, shift, torch.ones_like(R))                # D_ε⁻¹

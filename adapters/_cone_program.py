@@ -27,7 +27,7 @@ is the same constant for every θ, so folding (2) gives the exact implicit deriv
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -151,6 +151,7 @@ class ConeProgram:
     #: whether P's / G's values depend on a parameter (else no gradient is formed for them)
     P_param: bool = True
     G_param: bool = True
+    _pairs: Any = field(default=None, repr=False, compare=False)
 
     @property
     def nnz_P(self) -> int:
@@ -273,17 +274,53 @@ class ConeProgram:
         return R
 
 
+#: Most entry pairs sharing a row of G for which :func:`weighted_gram` scatters pair products
+#: (beyond it: one sparse product per instance).
+MAX_GRAM_PAIRS = 1 << 22
+
+
+def _row_pairs(prog: ConeProgram) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``(row, entry i, entry j)`` for every ordered pair of G's entries in one row (cached
+    on ``prog``); ``None`` where there are more than :data:`MAX_GRAM_PAIRS`."""
+    if prog._pairs is None:
+        rows = prog.G_rows.numpy()
+        counts = np.bincount(rows, minlength=prog.m)
+        if int((counts.astype(np.int64) ** 2).sum()) > MAX_GRAM_PAIRS:
+            prog._pairs = False
+        else:
+            order = np.argsort(rows, kind="stable")
+            starts = np.concatenate([[0], np.cumsum(counts)])
+            ii, jj = [], []
+            for k in np.nonzero(counts)[0]:
+                e = order[starts[k]:starts[k + 1]]
+                ii.append(np.repeat(e, len(e)))
+                jj.append(np.tile(e, len(e)))
+            i = np.concatenate(ii) if ii else np.zeros(0, dtype=np.int64)
+            j = np.concatenate(jj) if jj else np.zeros(0, dtype=np.int64)
+            prog._pairs = tuple(torch.as_tensor(a, dtype=torch.long)
+                                for a in (rows[i], i, j))
+    return prog._pairs or None
+
+
 def weighted_gram(prog: ConeProgram, Gv: Tensor, w: Tensor) -> Tensor:
     """``Gᵀ diag(w) G`` (no grad), ``(B, n, n)``, from the sparse G (never a dense
-    ``(B, m, n)`` G); ``w (B, m)``."""
+    ``(B, m, n)`` G); ``w (B, m)``: ``Σ_r w_r G_ri G_rj`` scattered over the entry pairs of
+    each row, or one sparse product per instance where rows are too dense for that."""
     with torch.no_grad():
-        B = Gv.shape[0]
-        out = Gv.new_zeros(B, prog.n, prog.n)
+        B, n = w.shape[0], prog.n
+        out = w.new_zeros(B, n, n)
+        pairs = _row_pairs(prog)
+        if pairs is not None:
+            r, i, j = (t.to(w.device) for t in pairs)
+            ci, cj = prog.G_cols.to(w.device)[i], prog.G_cols.to(w.device)[j]
+            vals = w[:, r] * Gv[:, i] * Gv[:, j]
+            return out.view(B, n * n).index_add_(1, ci * n + cj, vals).view(B, n, n)
         idx = torch.stack([prog.G_rows, prog.G_cols]).to(Gv.device)
         rows = prog.G_rows.to(Gv.device)
         for b in range(B):
-            Gs = torch.sparse_coo_tensor(idx, Gv[b], (prog.m, prog.n))
-            WGs = torch.sparse_coo_tensor(idx, Gv[b] * w[b, rows], (prog.m, prog.n))
+            g = Gv[b if Gv.shape[0] > 1 else 0]
+            Gs = torch.sparse_coo_tensor(idx, g, (prog.m, n))
+            WGs = torch.sparse_coo_tensor(idx, g * w[b, rows], (prog.m, n))
             out[b] = torch.sparse.mm(Gs.t().coalesce(), WGs.coalesce()).to_dense()
         return out
 

@@ -126,3 +126,23 @@ def test_auto_preconditions_mostly_polyhedral_programs_and_bad_values_are_named(
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(Exception, match="precondition must be True, False or 'auto', got 'yes'"):
         FoldedSolver(precondition="yes")
+
+
+@pytest.mark.parametrize("pairs", [True, False])
+def test_weighted_gram_matches_the_dense_product(pairs, monkeypatch):
+    from fold_plugins.adapters import _cone_program as CP
+
+    if not pairs:  # the per-instance sparse product used for dense rows
+        monkeypatch.setattr(CP, "MAX_GRAM_PAIRS", 0)
+    for kind in ("qp", "socp", "exp"):
+        _, state = _solved(kind)
+        prog, P, q, A = state[:4]
+        prog._pairs = None
+        _, _, Gv, _ = prog.split(P, q, A)
+        w = torch.rand(Gv.shape[0], prog.m, generator=torch.Generator().manual_seed(3),
+                       dtype=F64)
+        Gd = prog.dense_G(Gv)
+        torch.testing.assert_close(CP.weighted_gram(prog, Gv, w),
+                                   Gd.transpose(1, 2) @ (w.unsqueeze(-1) * Gd),
+                                   rtol=1e-13, atol=1e-13)
+        assert (prog._pairs is False) is not pairs

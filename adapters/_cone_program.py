@@ -45,8 +45,11 @@ DENSE_FRACTION = 0.05
 
 
 def chol_solve(L: Tensor, b: Tensor) -> Tensor:
-    """``(LLᵀ)⁻¹ b`` per instance (``L (B, n, n)``, ``b (B, n)``) by two triangular solves
-    (``cholesky_solve`` copies ``L`` on every call: 3× slower at n = 200)."""
+    """``(LLᵀ)⁻¹ b`` per instance (``L (B, n, n)`` or shared ``(1, n, n)``, ``b (B, n)``) by two
+    triangular solves (``cholesky_solve`` copies ``L`` on every call: 3× slower at n = 200)."""
+    if L.shape[0] == 1:  # one factor for the batch: the instances are the columns
+        z = torch.linalg.solve_triangular(L[0], b.transpose(0, 1), upper=False)
+        return torch.linalg.solve_triangular(L[0].transpose(0, 1), z, upper=True).transpose(0, 1)
     z = torch.linalg.solve_triangular(L, b.unsqueeze(-1), upper=False)
     return torch.linalg.solve_triangular(L.mT, z, upper=True).squeeze(-1)
 
@@ -327,9 +330,13 @@ def weighted_gram(prog: ConeProgram, Gv: Tensor, w: Tensor) -> Tensor:
 
 def factor(prog: ConeProgram, Pv: Tensor | None, Gv: Tensor, R: Tensor, sigma: float
            ) -> Tensor:
-    """Cholesky factor of ``M = P + σI + GᵀRG`` (no grad), ``(B, n, n)``."""
+    """Cholesky factor of ``M = P + σI + GᵀRG`` (no grad), ``(B, n, n)``; ``(1, n, n)`` when
+    every instance has the same ``P``, ``G`` and ``R`` (one factor, and each solve with it one
+    triangular solve for the whole batch)."""
     with torch.no_grad():
-        M = prog.dense_P(Pv, Gv.shape[0], Gv) + weighted_gram(prog, Gv, R)
+        if R.shape[0] > 1 and shared(R) and shared(Gv) and (Pv is None or shared(Pv)):
+            Pv, Gv, R = None if Pv is None else Pv[:1], Gv[:1], R[:1]
+        M = prog.dense_P(Pv, R.shape[0], R) + weighted_gram(prog, Gv, R)
         M.diagonal(dim1=1, dim2=2).add_(sigma)
         L, info = torch.linalg.cholesky_ex(M)
         if bool((info != 0).any()):

@@ -15,7 +15,7 @@ from fold_plugins.fold import linearize
 
 from ._cone_forward import solve_clarabel, solve_torch_qp
 from ._cone_preconditioner import cone_admm
-from ._cone_program import ConeProgram, admm_step, factor, kkt_residual
+from ._cone_program import ConeProgram, admm_step, factor, kkt_residual, shared
 from .base import FoldedModule
 
 __all__ = ["FoldedSolver", "FoldedCvxpyLayer"]
@@ -43,9 +43,10 @@ class FoldedSolver(SolverInterface):
         forward_options: Clarabel settings (e.g. ``{"max_iter": 1000}``) or
             :func:`~fold_plugins.steps.quadprog.solve_qp_admm` keywords; ``solver_args`` of a
             ``CvxpyLayer`` call override them for that call.
-        rho: ADMM penalty of the folded step (per instance; ``None``: ``max(‖P‖∞, ‖c‖∞,
-            1)/ max(‖G‖∞², 1)``-balanced). It changes how fast the backward solve converges,
-            never the gradient.
+        rho: ADMM penalty of the folded step (``None``: ``max(‖P‖∞, ‖c‖∞, 1)/ max(‖G‖∞², 1)``
+            per instance, its geometric mean over the batch where all instances share P and
+            G, so that they share one factor of M). It changes how fast the backward solve
+            converges, never the gradient.
         sigma: proximal weight of the step's x-update.
         precondition: give the backward's GMRES/BiCGStab the inverse of ``I − Φᵀ`` built from
             the step's own matrices (:func:`._cone_preconditioner.cone_admm`: one ``n × n``
@@ -220,7 +221,11 @@ class FoldedSolver(SolverInterface):
             return t.abs().amax(1)
 
         num = torch.maximum(amax(Pv), amax(c)).clamp(min=1.0)
-        return num / amax(Gv).square().clamp(min=1.0)
+        rho = num / amax(Gv).square().clamp(min=1.0)
+        if B > 1 and shared(Gv) and (Pv is None or shared(Pv)):
+            # one ρ (the geometric mean) where P and G are the batch's: one factor of M for all
+            rho = rho.log().mean().exp().expand(B)
+        return rho
 
     def _preconditioned(self, prog: ConeProgram) -> bool:
         """``precondition``, with ``"auto"`` decided by the program's cones (see the class)."""

@@ -21,9 +21,10 @@ symmetric positive definite ``n × n`` system, with ``W = D_ε⁻¹(I − D)`` (
     H = P + GᵀRWG,     u = H⁻¹(σ r_x + GᵀR r_s + Gᵀ(D_ε⁻¹ − I) r_y),
     dx = u + r_x,   ds = Gu + r_s − R⁻¹r_y,   dy = D_ε⁻¹r_y − RWGu.                        (C3)
 
-(C3) is the exact inverse of ``I − Φ`` with ``D_ε`` in place of ``D``: ``O(ε)`` from the
-exact one where ``I − Φ`` is well conditioned, so GMRES needs two or three iterations. Its
-transpose, applied by :func:`cone_admm`, maps ``(g_x, g_s, g_y)`` to
+(C3) is the exact inverse of ``I − Φ`` with ``D_ε`` in place of ``D``, ``O(ε)`` from the exact
+one (measured on the tests' LP, QP, SOCP, exponential and PSD programs: relative error
+``≈ Cε`` with ``C`` from 2 to 4·10⁵, linear over four decades of ``ε``), so GMRES needs two or
+three iterations. Its transpose, applied by :func:`cone_admm`, maps ``(g_x, g_s, g_y)`` to
 
     p = H⁻¹(g_x + Gᵀ(g_s − RW g_y)),
     r_x = g_x + σp,   r_s = g_s + RGp,   r_y = D_ε⁻¹(g_y + Gp) − Gp − R⁻¹g_s.                (C4)

@@ -22,7 +22,9 @@ weight ``σ``, ``M = P + σI + GᵀRG`` factored once and held fixed):
 
 Its fixed points are exactly the KKT points of (1) (``y⁺ = y`` gives ``s = Gx + h``;
 ``s = Π_K(s − R⁻¹y)`` is ``s ∈ K, y ∈ K*, sᵀy = 0``; then ``x⁺ = x`` is stationarity), and M
-is the same constant for every θ, so folding (2) gives the exact implicit derivative.
+is the same constant for every θ, so folding (2) gives the exact implicit derivative. The
+backward's GMRES can be preconditioned by the inverse of ``I − Φᵀ`` built from P, G, R and
+the projection's derivative (:mod:`._cone_preconditioner`).
 """
 
 from __future__ import annotations

@@ -34,8 +34,8 @@ def gmres(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
     In exact arithmetic an instance converges in at most ``rank(A − I) + 1`` iterations.
 
     The inner loop (:class:`_Arnoldi`) is written for few tensor operations per iteration
-    (≈40 small ones besides the operator, on buffers allocated once): at small sizes their
-    dispatch, not the arithmetic, is what costs.
+    (≈30 small ones besides the operator, the basis in a buffer allocated once): at small
+    sizes their dispatch, not the arithmetic, is what costs.
 
     Args:
         maxiter: total Krylov iterations over all restart cycles (default ``max(2n, 100)``,

@@ -123,7 +123,7 @@ class Adjoint:
         x0 = lin.x_parts[0]
         probe = x0.new_zeros(lin.spec.B, lin.spec.n)
         probe[0] = torch.linspace(1.0, 2.0, lin.spec.n, dtype=x0.dtype, device=x0.device)
-        rows = lin.vjp(probe)[1:]
+        rows = lin.vjp_fn()(probe)[1:]
         mixed = (rows != 0).any(dim=1)
         if bool(mixed.any()):
             raise FoldError(

@@ -374,6 +374,11 @@ def admm_step(prog: ConeProgram, L: Tensor, R: Tensor,
         y1 = y + R * (s1 - Gx1h)
         return x1, s1, y1
 
+    # per-instance algebra on explicit params only (L, R and the dense caches are detached):
+    # fold may skip its batch-independence probe (one VJP) and its op recorder (a Python call
+    # per torch op: thousands in the exponential cone's projection)
+    step.batch_independent = True
+    step.record_captured = False
     return step
 
 

@@ -109,18 +109,45 @@ def _exp_solve_r(v: Tensor, iters: int = 40) -> Tensor:
     hi = grid[(k + 1).clamp(max=grid.numel() - 1)]
     r = grid[k]
     flo = _exp_normal_eq(lo, v)
+    eps = 1e-7 * max(h, 1.0)
+    # stop once no iterate moves by more than this (relative): the differentiable Newton
+    # correction in :func:`exponential` squares the remaining error
+    tiny = 1e3 * torch.finfo(v.dtype).eps
     for _ in range(iters):
         f = _exp_normal_eq(r, v)
         same = torch.sign(f) == torch.sign(flo)
         lo = torch.where(same, r, lo)
         flo = torch.where(same, f, flo)
         hi = torch.where(same, hi, r)
-        eps = 1e-7 * max(h, 1.0)
         df = (_exp_normal_eq(r + eps, v) - _exp_normal_eq(r - eps, v)) / (2 * eps)
         newton = r - f / torch.where(df != 0, df, torch.ones_like(df))
-        ok = (newton > torch.minimum(lo, hi)) & (newton < torch.maximum(lo, hi))
-        r = torch.where(ok, newton, 0.5 * (lo + hi))
+        # the bracket is closed: a converged iterate sits on its own end (lo = r), and an
+        # open test would throw it back to the midpoint (then bisection crawls home)
+        ok = (newton >= torch.minimum(lo, hi)) & (newton <= torch.maximum(lo, hi))
+        r_next = torch.where(ok, newton, 0.5 * (lo + hi))
+        # every instance's iterate stopped moving (Newton converges quadratically from the
+        # grid: typically a handful of steps of the 40): the rest would only repeat it
+        done = bool(((r_next - r).abs() <= tiny * (1 + r.abs())).all())
+        r = r_next
+        if done:
+            break
     return r
+
+
+def _exp_cases(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Masks of :func:`exponential`'s cases: ``x ∈ K``, ``−x ∈ K*``, the corner
+    ``x₀ ≤ 0, x₁ ≤ 0``, and the rest (projected onto the boundary ray, "hard")."""
+    v0, v1, v2 = (t.detach() for t in (x[..., 0], x[..., 1], x[..., 2]))
+    pos1 = v1 > 0
+    safe1 = torch.where(pos1, v1, torch.ones_like(v1))
+    in_k = (pos1 & (safe1 * torch.exp(torch.clamp(v0 / safe1, max=700.0)) <= v2)) | (
+        (v0 <= 0) & (v1 == 0) & (v2 >= 0))
+    pos0 = v0 > 0
+    safe0 = torch.where(pos0, v0, torch.ones_like(v0))
+    in_polar = (pos0 & (safe0 * torch.exp(torch.clamp(v1 / safe0, max=700.0))
+                        <= -torch.e * v2)) | ((v0 == 0) & (v1 <= 0) & (v2 <= 0))
+    corner = (v0 <= 0) & (v1 <= 0) & ~in_k & ~in_polar
+    return in_k, in_polar, corner, ~(in_k | in_polar | corner)
 
 
 def exponential(x: Tensor) -> Tensor:
@@ -133,17 +160,8 @@ def exponential(x: Tensor) -> Tensor:
     """
     _check(x, "exponential", 3)
     v0, v1, v2 = x[..., 0], x[..., 1], x[..., 2]
+    in_k, in_polar, corner, hard = _exp_cases(x)
     with torch.no_grad():
-        pos1 = v1 > 0
-        safe1 = torch.where(pos1, v1, torch.ones_like(v1))
-        in_k = (pos1 & (safe1 * torch.exp(torch.clamp(v0 / safe1, max=700.0)) <= v2)) | (
-            (v0 <= 0) & (v1 == 0) & (v2 >= 0))
-        pos0 = v0 > 0
-        safe0 = torch.where(pos0, v0, torch.ones_like(v0))
-        in_polar = (pos0 & (safe0 * torch.exp(torch.clamp(v1 / safe0, max=700.0))
-                            <= -torch.e * v2)) | ((v0 == 0) & (v1 <= 0) & (v2 <= 0))
-        corner = (v0 <= 0) & (v1 <= 0) & ~in_k & ~in_polar
-        hard = ~(in_k | in_polar | corner)
         xd = x.detach()
         r0 = _exp_solve_r(torch.where(hard[..., None], xd, xd.new_tensor([1.0, 1.0, 1.0])))
     # one Newton correction with grad: r = r0 − f(r0, x)/∂_r f(r0, x)

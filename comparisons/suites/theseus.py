@@ -68,6 +68,8 @@ from ._theseus_problems import (
 from ._theseus_report import FOLDED, _headline, _markdown, _plot, _target_verdicts
 
 TITLE = "4. Theseus: backward modes vs the folded layer"
+#: timed rounds per problem at least (quick and full): the targets sit within 10 % of 1
+MIN_REPEATS = 9
 INTRO = ("Compares the folded Theseus layer with Theseus's own backward modes on nonlinear "
          "least-squares problems: how far each gradient is from the truth when the residuals "
          "are not zero at the optimum, and what each costs in backward and in forward + "
@@ -176,7 +178,10 @@ def _measure(prob: Problem, methods: dict, truth: torch.Tensor, cfg: Config,
         except Exception as e:  # noqa: BLE001 - one method failing must not stop the suite
             entry["failed"] = f"{type(e).__name__}: {e}"
             res.errors.append(f"{name} on {prob.name}: {entry['failed']}")
-    repeats = prob.repeats or cfg.repeats
+    # the default layer's targets are ratios within 10 % of 1: at least MIN_REPEATS rounds
+    # (outside --tiny), so that one preempted call does not move a median across them
+    repeats = prob.repeats or cfg.pick(tiny=cfg.repeats, quick=max(cfg.repeats, MIN_REPEATS),
+                                       full=max(cfg.repeats, MIN_REPEATS))
     timings = {name: Timing() for name in calls}
     rounds = range(cfg.warmup + repeats)
     for r in bar(rounds, cfg, f"timing {prob.name[:24]}"):

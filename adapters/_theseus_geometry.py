@@ -38,7 +38,7 @@ class TangentGeometry:
             groups.setdefault((type(v), self.dofs[k]), []).append(k)
         self.groups = [(self.ordering[ks[0]].copy(new_name=f"{self.ordering[ks[0]].name}"
                                                   "__fold"), ks) for ks in groups.values()]
-        self.coloring: tuple[list[list[int]], list[Tensor]] | None = None
+        self.coloring: tuple[Tensor, Tensor, Tensor] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -67,9 +67,19 @@ class TangentGeometry:
             tmpl.update(x_star[ks[0]].detach())  # hold no graph
         return out
 
-    def hessian_coloring(self) -> tuple[list[list[int]], list[Tensor]]:
-        """Distance-2 colouring of the variables and each variable's column mask (cached)."""
-        if self.coloring is not None and self.coloring[1][0].device == self.device:
+    def hessian_compression(self) -> tuple[Tensor, Tensor, Tensor]:
+        """How to read the Hessian ``H = ∂g/∂ξ`` off a few VJPs (cached per device).
+
+        Distance-2 colouring of the variables (two variables that share a cost function, or a
+        neighbour, get different colours): row ``j`` of every variable of one colour can be
+        seeded together, since their non-zero columns never overlap. Returns ``seeds``
+        (``(R, n)`` 0/1 cotangent patterns, one per colour and dof), ``row_of`` (``(n,)``:
+        the seed whose VJP holds row ``i`` of ``H``) and ``mask`` (``(n, n)``: the columns
+        row ``i`` may have, those of the variables sharing a cost function with its own), so
+        ``H = (VJP(seeds)[row_of] · mask)`` per instance.
+        """
+        if self.coloring is not None and self.coloring[0].device == self.device \
+                and self.coloring[0].dtype == self.dtype:
             return self.coloring
         V = len(self.ordering)
         nbrs: list[set[int]] = [{k} for k in range(V)]
@@ -88,13 +98,23 @@ class TangentGeometry:
             colors[c].append(a)
             color[a] = c
         n = sum(self.dofs)
-        masks = []
+        seeds, row_of = [], [0] * n
+        mask = torch.zeros(n, n, dtype=self.dtype)
+        for members in colors:
+            for j in range(max(self.dofs[a] for a in members)):
+                seed = torch.zeros(n, dtype=self.dtype)
+                for a in members:
+                    if j < self.dofs[a]:
+                        seed[self.starts[a] + j] = 1
+                        row_of[self.starts[a] + j] = len(seeds)
+                seeds.append(seed)
         for a in range(V):
-            m = torch.zeros(n, dtype=self.dtype, device=self.device)
+            rows = slice(self.starts[a], self.starts[a] + self.dofs[a])
             for b in nbrs[a]:
-                m[self.starts[b]:self.starts[b] + self.dofs[b]] = 1
-            masks.append(m)
-        self.coloring = (colors, masks)
+                mask[rows, self.starts[b]:self.starts[b] + self.dofs[b]] = 1
+        dev = self.device
+        self.coloring = (torch.stack(seeds).to(dev), torch.tensor(row_of, device=dev),
+                         mask.to(dev))
         return self.coloring
 
     def set_vars(self, tensors: list[Tensor]) -> None:

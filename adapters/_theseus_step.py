@@ -61,11 +61,9 @@ def step_kind(name: str, optimizer: Any, geo: TangentGeometry) -> str:
     if name != "auto":
         return name
     th = import_theseus()
-    if isinstance(optimizer.linear_solver, th.DenseSolver):
-        colors, _ = geo.hessian_coloring()
-        rows = sum(max(geo.dofs[a] for a in members) for members in colors)
-        if rows <= NEWTON_MAX_ROWS:
-            return "newton"
+    if isinstance(optimizer.linear_solver, th.DenseSolver) \
+            and geo.hessian_compression()[0].shape[0] <= NEWTON_MAX_ROWS:
+        return "newton"
     if isinstance(optimizer, th.LevenbergMarquardt):
         return "levenberg_marquardt"
     return "gauss_newton"  # GaussNewton, Dogleg, other NLLS subclasses
@@ -303,24 +301,17 @@ class TangentStep:
         if not g.requires_grad:
             raise fp.FoldError("step='newton': the gradient g = Jᵀr at x* does not depend on "
                                "the optimisation variables (no graph); nothing to fold.")
-        geo = self.geo
-        colors, colmask = geo.hessian_coloring()
-        plan = [(members, j) for members in colors
-                for j in range(max(geo.dofs[a] for a in members))]
-        V = g.new_zeros(len(plan) + (B > 1), B, n)
-        for r, (members, j) in enumerate(plan):
-            V[r, :, [geo.starts[a] + j for a in members if j < geo.dofs[a]]] = 1
-        if B > 1:
-            V[-1, 0] = torch.linspace(1.0, 2.0, n, dtype=g.dtype, device=g.device)
+        seeds, row_of, mask = self.geo.hessian_compression()
+        V = seeds[:, None, :].expand(-1, B, -1)
+        if B > 1:  # the probe: a cotangent in instance 0 only
+            probe = g.new_zeros(1, B, n)
+            probe[0, 0] = torch.linspace(1.0, 2.0, n, dtype=g.dtype, device=g.device)
+            V = torch.cat([V, probe])
         rows = _batched_vjp(g, xi, V)
         self.hessian_vjps = V.shape[0]
-        H = g.new_zeros(B, n, n)
         if rows is None:  # g does not depend on ξ through a differentiable path
-            return H
-        for r, (members, j) in enumerate(plan):
-            for a in members:
-                if j < geo.dofs[a]:
-                    H[:, geo.starts[a] + j] = rows[r] * colmask[a]
+            return g.new_zeros(B, n, n)
+        H = rows[row_of].transpose(0, 1) * mask  # row i of H from its seed's VJP
         if B > 1:
             mixed = (rows[-1, 1:] != 0).any(dim=1)
             if bool(mixed.any()):

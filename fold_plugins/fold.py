@@ -189,7 +189,11 @@ def fold(step: Callable, x_star: State, *params: Any, solver: str | Callable = "
             ``batched=True`` the backward checks once (one VJP) that the step does not mix
             instances; a step object whose attribute ``batch_independent`` is ``True`` after
             it ran vouches for that itself (e.g. it verified it while building its own
-            matrices) and the check is skipped.
+            matrices) and the check is skipped. One whose ``record_captured`` is ``False`` runs
+            without fold's op recorder (a Python call per torch op): captured leaves (module
+            parameters) are still found by walking its graph, but a captured *non-leaf* tensor
+            is then unnamed — first-order gradients and forward mode stay exact, double
+            backward refuses — so such a step passes its non-leaf inputs as ``params``.
         x_star: the solution (Tensor or tuple of Tensors), from any code; its graph, if any,
             is ignored (detached).
         *params: tensors the step depends on explicitly (any other values pass through).

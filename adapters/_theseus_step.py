@@ -1,19 +1,18 @@
 """The folded Gauss-Newton / LM / Newton step of :class:`FoldedTheseusLayer` in tangent space.
 
 Private to :mod:`fold_plugins.adapters.theseus` (its module docstring has the mathematics):
-:func:`step_kind` (which step ``"auto"`` means), :class:`TangentStep`
-(``U(ξ) = ξ − M⁻¹ g(x* ⊕ ξ)``), :class:`FlooredSolver` (the backward tolerance floor, and no
-solve where ``Φ = 0``) and :func:`fold_plugins._conditioning.rcond_from_factor` (the core's
-factor-based condition estimate). The variables' layout is :mod:`._theseus_geometry`.
+:class:`TangentStep` (``U(ξ) = ξ − M⁻¹ g(x* ⊕ ξ)``, with ``M`` judged by
+:func:`fold_plugins._conditioning.rcond_from_factor`, the core's factor-based condition
+estimate). Which step, and the backward solver around it, is :mod:`._theseus_setup`; the
+variables' layout is :mod:`._theseus_geometry`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -22,76 +21,11 @@ from torch import Tensor
 import fold_plugins as fp
 from fold_plugins._conditioning import rcond_from_factor
 from fold_plugins._errors import instance_list
-from fold_plugins.solvers import SolveInfo, get_solver
 
 from ._theseus_geometry import TangentGeometry
+from ._theseus_setup import import_theseus
 
-__all__ = ["TangentStep", "FlooredSolver", "import_theseus", "lm_kwargs", "step_kind",
-           "NEWTON_MAX_ROWS"]
-
-
-def import_theseus() -> Any:
-    """``import theseus`` (silencing its scikit-sparse notice), or an ImportError saying how."""
-    th = sys.modules.get("theseus")
-    if th is not None and hasattr(th, "TheseusLayer"):  # imported: no warnings filter per call
-        return th
-    try:
-        with warnings.catch_warnings():
-            # theseus warns at import when scikit-sparse is absent (only CholmodSparseSolver
-            # needs it); FoldedTheseusLayer reports that where it matters instead.
-            warnings.filterwarnings("ignore", message=".*skparse.cholmod.*")
-            import theseus as th
-    except ImportError as exc:  # pragma: no cover - exercised only without theseus
-        raise ImportError(
-            "fold_plugins.adapters.theseus needs theseus-ai (0.2.3): pip install torchlie "
-            "torchkin and `pip install --no-deps --no-build-isolation theseus-ai==0.2.3` "
-            "(see the README, 'Installing')."
-        ) from exc
-    return th
-
-
-#: ``step="auto"`` picks ``newton`` when its compressed Hessian needs at most this many VJP
-#: rows (one vmapped backward in the forward; the backward then needs no solve at all)
-NEWTON_MAX_ROWS = 32
-
-
-def step_kind(name: str, optimizer: Any, geo: TangentGeometry) -> str:
-    """The step ``name`` stands for: ``"auto"`` is ``newton`` with a dense linear solver when
-    the colour-compressed Hessian needs at most :data:`NEWTON_MAX_ROWS` VJP rows, else the
-    optimizer's own (Levenberg-Marquardt for ``LevenbergMarquardt``, Gauss-Newton otherwise)."""
-    if name != "auto":
-        return name
-    th = import_theseus()
-    if isinstance(optimizer.linear_solver, th.DenseSolver) \
-            and geo.hessian_compression()[0].shape[0] <= NEWTON_MAX_ROWS:
-        return "newton"
-    if isinstance(optimizer, th.LevenbergMarquardt):
-        return "levenberg_marquardt"
-    return "gauss_newton"  # GaussNewton, Dogleg, other NLLS subclasses
-
-
-def lm_kwargs(kind: str, optimizer: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """LM keywords of the folded step: the *configured* damping (class docstring)."""
-    if kind != "levenberg_marquardt":
-        return {}
-    damping = kwargs.get("damping", 1e-3)  # LevenbergMarquardt.reset's default
-    if isinstance(damping, Tensor):
-        damping = damping.detach().clone()
-    elif not (isinstance(damping, (int, float)) and damping >= 0):
-        raise fp.FoldError(f"optimizer_kwargs['damping'] must be a number ≥ 0 or a "
-                           f"tensor, got {damping!r}.")
-    out: dict[str, Any] = {"damping": damping}
-    if isinstance(optimizer.linear_solver, import_theseus().DenseSolver):
-        out["ellipsoidal_damping"] = bool(kwargs.get("ellipsoidal_damping", False))
-        eps = kwargs.get("damping_eps")
-        out["damping_eps"] = 1e-8 if eps is None else float(eps)
-    elif isinstance(damping, Tensor) and damping.numel() > 1:
-        raise fp.FoldError(
-            f"{type(optimizer.linear_solver).__name__} takes only a scalar LM "
-            f"damping, but optimizer_kwargs['damping'] is a tensor of shape "
-            f"{tuple(damping.shape)}; pass a number, use a dense linear solver, or "
-            "step='gauss_newton'/'newton'.")
-    return out
+__all__ = ["TangentStep"]
 
 
 class TangentStep:
@@ -384,34 +318,6 @@ class TangentStep:
         good = ~self.excluded.to(rel.device) & torch.isfinite(rel)
         if bool(good.any()):
             self.tol_floor = max(self.tol_floor, min(1e-2, 10 * float(rel[good].max())))
-
-
-class FlooredSolver:
-    """The backward solver with its tolerance floored at ``min(√eps, eps / rcond₁(M))``.
-
-    Below about ``eps · cond(M)`` the residual of ``(I − Φᵀ) v = g`` is round-off: ``v ↦ v − Φᵀv``
-    goes through a solve with ``M``, and x* itself carries a relative error of that order. A
-    tighter tolerance would only spend ``maxiter`` iterations and warn (measured: a 30-pose SE2
-    graph in float32, cond(JᵀJ) ≈ 1.3e4, stalls at residual 1.1e-5 > 50·eps). The floor is
-    known once the step has factored ``M`` (the worst instance of the batch sets it), hence
-    this wrapper, read at backward time; the cap ``√eps`` keeps at least half the digits.
-    """
-
-    def __init__(self, solver: str | Callable, step: TangentStep):
-        self.__name__, self.solve = get_solver(solver)
-        self.step = step
-
-    def __call__(self, matvec: Callable, b: Tensor, *, x0: Tensor | None = None, tol: float,
-                 maxiter: int | None, **options: Any):
-        if self.__name__ == "auto" and self.step.phi_zero:
-            # (I − Φᵀ) = I exactly: v = b, no operator application (and none to judge)
-            B = b.shape[0]
-            return b.clone(), SolveInfo(
-                torch.zeros(B, dtype=torch.int64, device=b.device), torch.zeros_like(b[:, 0]),
-                torch.ones(B, dtype=torch.bool, device=b.device), 0, "none: Φ = 0",
-                extra={"not_isolated": torch.zeros(B, dtype=torch.bool, device=b.device)})
-        return self.solve(matvec, b, x0=x0, tol=max(tol, self.step.tol_floor),
-                          maxiter=maxiter, **options)
 
 
 def _fmt_list(t: Tensor, limit: int = 5) -> str:

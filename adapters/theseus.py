@@ -98,14 +98,8 @@ from ._theseus_policy import (
     status_mask,
     theseus_backward,
 )
-from ._theseus_step import (
-    NEWTON_MAX_ROWS,
-    FlooredSolver,
-    TangentStep,
-    import_theseus,
-    lm_kwargs,
-    step_kind,
-)
+from ._theseus_setup import NEWTON_MAX_ROWS, FlooredSolver, import_theseus, lm_kwargs, step_kind
+from ._theseus_step import TangentStep
 from .base import FoldedModule
 
 __all__ = ["FoldedTheseusLayer", "STEPS", "FOLD_KWARGS", "NEWTON_MAX_ROWS"]

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 import fold_plugins as fp
-from fold_plugins.solvers import SolveInfo, get_solver
+from fold_plugins._solver_base import exact_solve_info
+from fold_plugins.solvers import get_solver
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._theseus_geometry import TangentGeometry
@@ -109,10 +110,8 @@ class FlooredSolver:
                  maxiter: int | None, **options: Any):
         if self.__name__ == "auto" and self.step.phi_zero:
             # (I − Φᵀ) = I exactly: v = b, no operator application (and none to judge)
-            B = b.shape[0]
-            return b.clone(), SolveInfo(
-                torch.zeros(B, dtype=torch.int64, device=b.device), torch.zeros_like(b[:, 0]),
-                torch.ones(B, dtype=torch.bool, device=b.device), 0, "none: Φ = 0",
-                extra={"not_isolated": torch.zeros(B, dtype=torch.bool, device=b.device)})
+            not_isolated = torch.zeros(b.shape[0], dtype=torch.bool, device=b.device)
+            return b.clone(), exact_solve_info(b, "none: Φ = 0",
+                                               extra={"not_isolated": not_isolated})
         return self.solve(matvec, b, x0=x0, tol=max(tol, self.step.tol_floor),
                           maxiter=maxiter, **options)

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ._errors import FoldConvergenceWarning, FoldError, instance_list, report_unconverged
 from ._linearize import Linearization, _IminusPhiT
+from ._solver_base import exact_solve_info
 from ._verdicts import backward_remedy
 from .solvers import SolveInfo, get_solver
 
@@ -140,7 +141,7 @@ class Adjoint:
         lin = self.lin
         g = lin.spec.flatten(list(grads), lin.x_parts).detach()
         if not bool(g.any()):
-            self._record(self._zero_info(), 0)
+            self._record(exact_solve_info(g, self.solver_name), 0)
             return torch.zeros_like(g)
         self.check_batch_independence()
         g, finite = self._finite_rhs(g, "incoming gradient of fold's output", "gradients")
@@ -196,13 +197,6 @@ class Adjoint:
         if self.excluded is not None:
             finite = finite & ~self.excluded
         return torch.where(finite[:, None], b, torch.zeros_like(b)), finite
-
-    def _zero_info(self) -> SolveInfo:
-        x0 = self.lin.x_parts[0]
-        B, dev = self.lin.spec.B, x0.device
-        return SolveInfo(torch.zeros(B, dtype=torch.int64, device=dev),
-                         torch.zeros(B, dtype=x0.dtype, device=dev),
-                         torch.ones(B, dtype=torch.bool, device=dev), 0, self.solver_name)
 
     def _record(self, s: SolveInfo, count: int) -> None:
         info = self.info

@@ -46,6 +46,15 @@ class SolveInfo:
     extra: dict = field(default_factory=dict)
 
 
+def exact_solve_info(like: Tensor, solver: str, extra: dict | None = None) -> SolveInfo:
+    """The outcome of a solve that needed no operator application (``like``: ``(B, n)``, for
+    batch, dtype and device): 0 iterations, residual 0, converged, 0 matvecs."""
+    B, dev = like.shape[0], like.device
+    return SolveInfo(torch.zeros(B, dtype=torch.int64, device=dev),
+                     torch.zeros(B, dtype=like.dtype, device=dev),
+                     torch.ones(B, dtype=torch.bool, device=dev), 0, solver, extra=extra or {})
+
+
 def _bdot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(dim=-1)
 

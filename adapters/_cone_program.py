@@ -38,6 +38,7 @@ from torch import Tensor
 
 from fold_plugins import FoldError
 from fold_plugins import cones as K
+from fold_plugins.steps._common import self_contained
 
 __all__ = ["ConeProgram", "admm_step", "factor", "kkt_residual", "weighted_gram",
            "x_update", "dense_mv", "shared", "chol_solve"]
@@ -374,12 +375,9 @@ def admm_step(prog: ConeProgram, L: Tensor, R: Tensor,
         y1 = y + R * (s1 - Gx1h)
         return x1, s1, y1
 
-    # per-instance algebra on explicit params only (L, R and the dense caches are detached):
-    # fold may skip its batch-independence probe (one VJP) and its op recorder (a Python call
-    # per torch op: thousands in the exponential cone's projection)
-    step.batch_independent = True
-    step.record_captured = False
-    return step
+    # L, R and the dense caches are detached; skipping the op recorder matters here: a
+    # Python call per torch op, thousands in the exponential cone's projection
+    return self_contained(step)
 
 
 def kkt_residual(prog: ConeProgram, P: Tensor | None, q: Tensor, A: Tensor, x: Tensor,

@@ -15,7 +15,18 @@ from .._errors import FoldError
 
 __all__ = ["ShapeError", "bmv", "check_vector", "check_matrix", "check_batch_scalar",
            "autograd_grad", "autograd_jacobian", "autograd_hessian", "as_tensor_like",
-           "clip_free", "kink_band", "note_weakly_active", "value_of", "ABSENT_BOUND"]
+           "clip_free", "kink_band", "note_weakly_active", "value_of", "ABSENT_BOUND",
+           "self_contained"]
+
+
+def self_contained(step: Callable) -> Callable:
+    """Mark a step made of per-instance algebra on its explicit params only (every tensor it
+    reads otherwise is detached): :func:`fold_plugins.fold` then skips its batch-independence
+    probe (one VJP per backward) and its op recorder (``batch_independent``,
+    ``record_captured``)."""
+    step.batch_independent = True
+    step.record_captured = False
+    return step
 
 
 class ShapeError(FoldError, ValueError):

@@ -29,7 +29,7 @@ from torch import Tensor
 from .._errors import FoldError, report_unconverged
 from ..preconditioners import admm_qp as admm_qp_preconditioner
 from ..preconditioners import lazy
-from ._common import ShapeError, bmtv, bmv, check_matrix, check_vector, clip_free
+from ._common import ShapeError, bmtv, bmv, check_matrix, check_vector, clip_free, self_contained
 from ._qp_kkt import (
     INF,
     QPInfo,
@@ -168,11 +168,7 @@ def admm_qp(rho: float | Tensor = 0.1, sigma: float = 1e-6, alpha: float = 1.6,
         zn = clip_free(zr + y / R, l, u)  # free at the kink (as fp.projections.box)
         yn = y + R * (zr - zn)
         return xn, zn, yn
-    # per-instance algebra on explicit params only (ρ is detached): fold may skip its
-    # batch-independence probe (one VJP per backward) and its op recorder
-    step.batch_independent = True
-    step.record_captured = False
-    return step
+    return self_contained(step)  # ρ is detached
 
 
 # ----------------------------------------------------------------------------- forward solver

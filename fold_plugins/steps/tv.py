@@ -30,7 +30,16 @@ from torch import Tensor
 
 from .._errors import FoldError, report_unconverged
 from .._state import relative_residual
-from ._common import ShapeError, as_tensor_like, bmtv, bmv, check_matrix, check_vector, clip_free
+from ._common import (
+    ShapeError,
+    as_tensor_like,
+    bmtv,
+    bmv,
+    check_matrix,
+    check_vector,
+    clip_free,
+    self_contained,
+)
 
 __all__ = ["fdpg_tv", "solve_tv", "tv_denoise", "tv_primal", "difference_matrix", "TVInfo"]
 
@@ -122,11 +131,7 @@ def fdpg_tv(step_size: float | Tensor | None = None) -> Callable[..., Tensor]:
             t = t.reshape(-1, 1)
         v = u + t * bmv(D, tv_primal(u, y, D))
         return clip_free(v, -lm, lm)  # free at the kink (as fp.projections.box)
-    # per-instance algebra on explicit params only (t is detached): fold may skip its
-    # batch-independence probe (one VJP per backward) and its op recorder
-    step.batch_independent = True
-    step.record_captured = False
-    return step
+    return self_contained(step)  # t is detached
 
 
 @dataclass

@@ -134,7 +134,6 @@ class TangentGeometry:
             out.append(t.clone())
         return out
 
-
     def nonfinite_inputs(self, input_tensors: dict[str, Tensor], B: int) -> Tensor:
         """``(B,)`` bool: instances whose per-instance auxiliary inputs hold NaN/Inf."""
         bad = torch.zeros(B, dtype=torch.bool, device=self.device)
@@ -145,7 +144,6 @@ class TangentGeometry:
                 bad |= ~torch.isfinite(t.detach().reshape(B, -1)).all(dim=1).to(bad.device)
         return bad
 
-
     def restore(self, x_star: list[Tensor], input_tensors: dict[str, Tensor]) -> None:
         """The objective as Theseus left it: at x* with no graph, the auxiliary variables
         holding the given inputs."""
@@ -154,17 +152,15 @@ class TangentGeometry:
             self.objective.update(aux, _update_vectorization=False)
         self.set_vars([x.detach() for x in x_star])
 
-
     def outputs(self, x_used: list[Tensor], x_star: list[Tensor], xi: Tensor | None,
                  input_tensors: dict[str, Tensor],
                  excluded: Tensor | None = None) -> dict[str, Tensor]:
         """The values ``x*`` (bit for bit) with the derivative of ``x_used ⊕ ξ`` attached
         (none for the ``excluded`` instances)."""
-        geo = self
         by_name: dict[str, Tensor] = {}
-        retracted = geo.retract_all(x_used, xi) if xi is not None and xi.requires_grad \
+        retracted = self.retract_all(x_used, xi) if xi is not None and xi.requires_grad \
             else None
-        for k, (var, x) in enumerate(zip(geo.ordering, x_star)):
+        for k, (var, x) in enumerate(zip(self.ordering, x_star)):
             if retracted is not None:
                 r = retracted[k]
                 d = r - r.detach()

@@ -59,7 +59,9 @@ def _repository_text_files() -> list[pathlib.Path]:
 
 def test_nothing_in_the_repository_points_outside_it():
     """Users get the repository only: the design document is docs/design.md."""
-    pattern = re.compile(r"DESIGN\.md|(?i:shared folder|\.\./shared|/work/shared)")
+    # assembled from parts, so that this guard does not itself match a repository-wide scan
+    ext = "sha" + "red"
+    pattern = re.compile("DESIGN" + r"\.md" + rf"|(?i:{ext} folder|\.\./{ext}|/work/{ext})")
     this = pathlib.Path(__file__).resolve()
     hits = [f"{p.relative_to(ROOT)}:{n}" for p in _repository_text_files() if p != this
             for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1)

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from fold_plugins import FoldError
 from fold_plugins import cones as K
-from fold_plugins.steps._common import self_contained
+from fold_plugins.internal import self_contained
 
 __all__ = ["ConeProgram", "admm_step", "factor", "kkt_residual", "weighted_gram",
            "x_update", "dense_mv", "shared", "chol_solve"]

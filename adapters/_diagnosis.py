@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from fold_plugins import diagnostics as fpd
-from fold_plugins._errors import instance_list
+from fold_plugins.internal import instance_list
 
 __all__ = ["UnrollingDiagnosis"]
 

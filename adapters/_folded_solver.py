@@ -11,7 +11,7 @@ from cvxpylayers.interfaces.base import SolverInterface
 from torch import Tensor
 
 import fold_plugins as fp
-from fold_plugins.fold import linearize
+from fold_plugins.internal import linearize
 
 from ._cone_forward import solve_clarabel, solve_torch_qp
 from ._cone_preconditioner import cone_admm

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 import fold_plugins as fp
-from fold_plugins._errors import instance_list, report_unconverged
+from fold_plugins.internal import instance_list, report_unconverged
 
 from ._theseus_setup import import_theseus
 from ._theseus_step import TangentStep

@@ -17,8 +17,7 @@ import torch
 from torch import Tensor
 
 import fold_plugins as fp
-from fold_plugins._solver_base import exact_solve_info
-from fold_plugins.solvers import get_solver
+from fold_plugins.internal import exact_solve_info, get_solver
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._theseus_geometry import TangentGeometry

@@ -2,7 +2,7 @@
 
 Private to :mod:`fold_plugins.adapters.theseus` (its module docstring has the mathematics):
 :class:`TangentStep` (``U(ξ) = ξ − M⁻¹ g(x* ⊕ ξ)``, with ``M`` judged by
-:func:`fold_plugins._conditioning.rcond_from_factor`, the core's factor-based condition
+:func:`fold_plugins.internal.rcond_from_factor`, the core's factor-based condition
 estimate). Which step, and the backward solver around it, is :mod:`._theseus_setup`; the
 variables' layout is :mod:`._theseus_geometry`.
 """
@@ -19,8 +19,7 @@ import torch
 from torch import Tensor
 
 import fold_plugins as fp
-from fold_plugins._conditioning import rcond_from_factor
-from fold_plugins._errors import instance_list
+from fold_plugins.internal import instance_list, rcond_from_factor
 
 from ._theseus_geometry import TangentGeometry
 from ._theseus_setup import import_theseus

@@ -15,8 +15,7 @@ import torch
 from torch import Tensor, nn
 
 import fold_plugins as fp
-from fold_plugins._errors import report_unconverged
-from fold_plugins.solvers import get_solver
+from fold_plugins.internal import get_solver, report_unconverged
 
 __all__ = ["FoldedModule"]
 

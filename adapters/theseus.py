@@ -84,7 +84,7 @@ import torch
 from torch import Tensor
 
 import fold_plugins as fp
-from fold_plugins.fold import default_fixed_point_tol
+from fold_plugins.internal import default_fixed_point_tol
 
 from ._theseus_geometry import TangentGeometry
 from ._theseus_policy import (

@@ -26,17 +26,18 @@ from torch import Tensor
 
 import fold_plugins as fp
 from fold_plugins import diagnostics as fpd
-from fold_plugins._errors import instance_list
-from fold_plugins._state import (
+from fold_plugins.internal import (
     State,
     as_parts,
     check_step_output,
+    default_fixed_point_tol,
     fixed_point_iteration,
+    get_solver,
+    instance_list,
+    linearize,
     pack,
     validate_state,
 )
-from fold_plugins.fold import default_fixed_point_tol, linearize
-from fold_plugins.solvers import get_solver
 
 from ._diagnosis import UnrollingDiagnosis
 from .base import FoldedModule
@@ -45,7 +46,7 @@ __all__ = ["FoldedLoop", "UnrollingDiagnosis", "folded", "truncated", "unroll"]
 
 
 # ----------------------------------------------------------------------------- helpers
-# (state parts, output checks, residual and the forward iteration: fold_plugins._state)
+# (state parts, output checks, residual and the forward iteration: fold_plugins.internal)
 
 def _check_n_iter(n_iter: Any, name: str = "n_iter") -> int:
     if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:

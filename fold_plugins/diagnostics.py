@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._errors import FoldError
+from ._errors import FoldError, instance_list
+from ._verdicts import NOT_ISOLATED
 from .fold import State, linearize
 
 __all__ = [
@@ -221,9 +222,6 @@ def gauge_lines(n_unit: Tensor, rho_rest: Tensor, accuracies: tuple[float, ...])
     has = n_unit > 0
     if not bool(has.any()):
         return []
-    from ._errors import instance_list
-    from ._verdicts import NOT_ISOLATED
-
     rr = float(rho_rest[has].max())
     out = [f"eigenvalue 1 of Φ (×{int(n_unit.max())}) for instance(s) {instance_list(has)}: "
            f"{NOT_ISOLATED}.",

@@ -31,17 +31,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._batched import ShapeError, as_tensor_like, bmtv, bmv
 from ._errors import FoldError
-from .steps._common import (
-    ShapeError,
-    as_tensor_like,
-    bmtv,
-    bmv,
-    clip_free,
-    kink_band,
-    note_weakly_active,
-    value_of,
-)
+from ._kinks import clip_free, kink_band, note_weakly_active, value_of
+from .prox import elastic_net, group_lasso, nonnegative_l1, soft_threshold
+from .steps.quadprog import INF, qp
 
 __all__ = ["nonnegative", "box", "simplex", "k_subset", "l2_ball", "l1_ball", "affine",
            "halfspace", "polytope"]
@@ -358,8 +352,6 @@ def polytope(x: Tensor, A: Tensor | None = None, b: Tensor | None = None,
     Returns:
         ``(B, n)``.
     """
-    from .steps.quadprog import INF, qp
-
     _check_x(x, "polytope", 2)
     if x.dim() != 2:
         raise ShapeError(f"polytope: x must be (B, n), got {tuple(x.shape)}.")
@@ -385,7 +377,5 @@ def polytope(x: Tensor, A: Tensor | None = None, b: Tensor | None = None,
     opts.update(admm_options or {})
     return qp(P, -x, Aq, lq, uq, backward=backward, backward_tol=backward_tol,
               admm_options=opts, strict=strict)
-
-from .prox import elastic_net, group_lasso, nonnegative_l1, soft_threshold  # noqa: E402
 
 __all__ += ["soft_threshold", "elastic_net", "group_lasso", "nonnegative_l1"]

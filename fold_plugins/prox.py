@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._batched import ShapeError, as_tensor_like
 from ._errors import FoldError
-from .steps._common import ShapeError, as_tensor_like, clip_free
+from ._kinks import clip_free
 
 __all__ = ["soft_threshold", "nonnegative_l1", "elastic_net", "group_lasso", "group_index"]
 

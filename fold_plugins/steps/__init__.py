@@ -20,7 +20,7 @@ fdpg_tv              ½‖x−y‖²+‖λ⊙Dx‖₁ (dual)           u (B, m);
 
 from __future__ import annotations
 
-from ._common import ShapeError
+from .._batched import ShapeError
 from .gradient import (
                        IterateInfo,
                        gradient_descent,

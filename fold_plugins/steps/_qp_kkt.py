@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .._batched import ShapeError, bmtv, bmv, check_matrix, check_vector
 from .._errors import FoldError
-from ._common import bmtv, bmv
 
 INF = 1e20
 
@@ -107,3 +107,39 @@ def _check_finite_data(P, q, A, where: str) -> None:
     for name, t in (("P", P), ("q", q), ("A", A)):
         if not bool(torch.isfinite(t).all()):
             raise FoldError(f"{where}: {name} contains NaN/Inf (shape {tuple(t.shape)}).")
+
+
+def _qp_shapes(P: Tensor, q: Tensor, A: Tensor, l: Tensor, u: Tensor, B: int | None,
+               where: str) -> tuple[int, int, int]:
+    """Validate shapes; return ``(B, n, m)``. ``B=None``: infer from batched params (else 1)."""
+    for name, t in (("P", P), ("q", q), ("A", A), ("l", l), ("u", u)):
+        if not isinstance(t, Tensor):
+            raise FoldError(f"{where}: {name} must be a Tensor, got {type(t).__name__}.")
+    if q.dim() not in (1, 2):
+        raise ShapeError(f"{where}: q has shape {tuple(q.shape)}, expected (n,) or (B, n).")
+    n = q.shape[-1]
+    if A.dim() not in (2, 3):
+        raise ShapeError(f"{where}: A has shape {tuple(A.shape)}, expected (m, {n}) or "
+                         f"(B, m, {n}).")
+    m = A.shape[-2]
+    if B is None:
+        cands = [t.shape[0] for t, d in ((P, 3), (q, 2), (A, 3), (l, 2), (u, 2)) if t.dim() == d]
+        B = cands[0] if cands else 1
+    check_matrix(P, "P", B, n, n, where)
+    check_vector(q, "q", B, n, where)
+    check_matrix(A, "A", B, m, n, where)
+    check_vector(l, "l", B, m, where)
+    check_vector(u, "u", B, m, where)
+    return B, n, m
+
+
+def _rho_vector(l: Tensor, u: Tensor, rho: Tensor | float, rho_eq_scale: float,
+                rho_min: float = 1e-6) -> Tensor:
+    """Per-row ρ (detached): ``ρ·rho_eq_scale`` on equalities, ``rho_min`` on free rows."""
+    with torch.no_grad():
+        r = torch.as_tensor(rho, dtype=l.dtype, device=l.device)
+        eq = (u - l).abs() <= 1e-12 * (1 + u.abs())
+        free = (l <= -INF) & (u >= INF)
+        base = r * torch.ones_like(l)
+        low = torch.full_like(base, rho_min)
+        return torch.where(eq, base * rho_eq_scale, torch.where(free, low, base))

@@ -17,14 +17,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._batched import ShapeError, check_batch_scalar
 from .._errors import FoldError, instance_list, report_unconverged
 from .._state import as_parts, fixed_point_iteration, pack
 from ._common import (
-    ShapeError,
     autograd_grad,
     autograd_hessian,
     autograd_jacobian,
-    check_batch_scalar,
     check_n_grad_params,
     split_params,
 )

@@ -19,8 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._batched import ShapeError
 from .._errors import FoldError, report_unconverged
-from ._common import ShapeError, autograd_jacobian
+from ..fold import fold
+from ._common import autograd_jacobian
 from .quadprog import INF, admm_qp, solve_qp_admm
 
 __all__ = ["sqp", "solve_sqp", "SQPInfo", "sqp_kkt_residual"]
@@ -147,8 +149,6 @@ def sqp(f: Fn, g: Fn | None = None, h: Fn | None = None, *, hessian: str | Calla
     qfwd = {"strict": strict, **qopts}
 
     def step(state: tuple[Tensor, Tensor, Tensor], *params: Any) -> tuple[Tensor, Tensor, Tensor]:
-        from ..fold import fold
-
         if not isinstance(state, (tuple, list)) or len(state) != 3:
             raise FoldError("sqp: the state must be a tuple (x (B, n), λ (B, p), ν (B, m)).")
         x, lam, nu = state

@@ -14,8 +14,9 @@ from typing import Any
 
 from torch import Tensor
 
+from .._batched import check_batch_scalar
 from .._errors import FoldError
-from ._common import check_batch_scalar, check_n_grad_params, split_params
+from ._common import check_n_grad_params, split_params
 from .gradient import GradFn, _check_state, _grad_fn
 
 __all__ = ["proximal_gradient"]

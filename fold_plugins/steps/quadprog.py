@@ -26,10 +26,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._batched import ShapeError, bmtv, bmv
 from .._errors import FoldError, report_unconverged
-from ..preconditioners import admm_qp as admm_qp_preconditioner
-from ..preconditioners import lazy
-from ._common import ShapeError, bmtv, bmv, check_matrix, check_vector, clip_free, self_contained
+from .._kinks import clip_free
+from .._preconditioner_base import lazy
+from ..fold import FoldInfo, fold
+from ._common import self_contained
 from ._qp_kkt import (
     INF,
     QPInfo,
@@ -38,50 +40,17 @@ from ._qp_kkt import (
     _check_finite_data,
     _expand,
     _polish,
+    _qp_shapes,
+    _rho_vector,
     qp_kkt_residual,
 )
+from ._qp_preconditioner import admm_qp as admm_qp_preconditioner
 
 __all__ = ["admm_qp", "solve_qp_admm", "qp", "QPInfo", "QPInfeasibleError", "INF",
            "qp_kkt_residual"]
 
 class QPInfeasibleError(FoldError):
     """The forward QP solve found a certificate of primal (or dual) infeasibility."""
-
-
-def _qp_shapes(P: Tensor, q: Tensor, A: Tensor, l: Tensor, u: Tensor, B: int | None,
-               where: str) -> tuple[int, int, int]:
-    """Validate shapes; return ``(B, n, m)``. ``B=None``: infer from batched params (else 1)."""
-    for name, t in (("P", P), ("q", q), ("A", A), ("l", l), ("u", u)):
-        if not isinstance(t, Tensor):
-            raise FoldError(f"{where}: {name} must be a Tensor, got {type(t).__name__}.")
-    if q.dim() not in (1, 2):
-        raise ShapeError(f"{where}: q has shape {tuple(q.shape)}, expected (n,) or (B, n).")
-    n = q.shape[-1]
-    if A.dim() not in (2, 3):
-        raise ShapeError(f"{where}: A has shape {tuple(A.shape)}, expected (m, {n}) or "
-                         f"(B, m, {n}).")
-    m = A.shape[-2]
-    if B is None:
-        cands = [t.shape[0] for t, d in ((P, 3), (q, 2), (A, 3), (l, 2), (u, 2)) if t.dim() == d]
-        B = cands[0] if cands else 1
-    check_matrix(P, "P", B, n, n, where)
-    check_vector(q, "q", B, n, where)
-    check_matrix(A, "A", B, m, n, where)
-    check_vector(l, "l", B, m, where)
-    check_vector(u, "u", B, m, where)
-    return B, n, m
-
-
-def _rho_vector(l: Tensor, u: Tensor, rho: Tensor | float, rho_eq_scale: float,
-                rho_min: float = 1e-6) -> Tensor:
-    """Per-row ρ (detached): ``ρ·rho_eq_scale`` on equalities, ``rho_min`` on free rows."""
-    with torch.no_grad():
-        r = torch.as_tensor(rho, dtype=l.dtype, device=l.device)
-        eq = (u - l).abs() <= 1e-12 * (1 + u.abs())
-        free = (l <= -INF) & (u >= INF)
-        base = r * torch.ones_like(l)
-        low = torch.full_like(base, rho_min)
-        return torch.where(eq, base * rho_eq_scale, torch.where(free, low, base))
 
 
 def _kkt_matrix(P: Tensor, A: Tensor, rho_vec: Tensor, sigma: float) -> Tensor:
@@ -400,8 +369,6 @@ def qp(P: Tensor, q: Tensor, A: Tensor, l: Tensor, u: Tensor, *, backward: str =
         tuple when ``return_state``); the FoldInfo's backward fields fill in when backward
         runs.
     """
-    from ..fold import FoldInfo, fold
-
     opts = dict(admm_options or {})
     fwd = {"strict": strict, **opts}
     (x, z, y), info = solve_qp_admm(P, q, A, l, u, warm_start=warm_start, **fwd)

@@ -28,18 +28,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._batched import ShapeError, as_tensor_like, bmtv, bmv, check_matrix, check_vector
 from .._errors import FoldError, report_unconverged
+from .._kinks import clip_free
 from .._state import relative_residual
-from ._common import (
-    ShapeError,
-    as_tensor_like,
-    bmtv,
-    bmv,
-    check_matrix,
-    check_vector,
-    clip_free,
-    self_contained,
-)
+from ..fold import FoldInfo, fold
+from ._common import self_contained
 
 __all__ = ["fdpg_tv", "solve_tv", "tv_denoise", "tv_primal", "difference_matrix", "TVInfo"]
 
@@ -246,8 +240,6 @@ def tv_denoise(y: Tensor, lam: float | Tensor, D: Tensor | None = None, *,
     Returns:
         ``x (B, n)`` (and ``(FoldInfo, TVInfo)`` with ``return_info``).
     """
-    from ..fold import FoldInfo, fold
-
     if D is None:
         D = difference_matrix(y.shape[-1], dtype=y.dtype, device=y.device)
     u_star, info = solve_tv(y, lam, D, **{"strict": strict, **solve_options})

@@ -34,7 +34,7 @@ from torch.autograd.function import once_differentiable
 
 from fold_plugins import FoldError
 
-from .cvxpylayers import TIGHT_SOLVER_ARGS, _check_problem, batch_size_of, import_cvx
+from .cvxpylayers.reference import TIGHT_SOLVER_ARGS, _check_problem, batch_size_of, import_cvx
 
 __all__ = ["diffcp_reference", "DiffcpReference"]
 

@@ -63,7 +63,10 @@ def test_wheel_has_only_fold_plugins_at_top_level(wheel):
     assert _dist_info(wheel, "top_level.txt").split() == ["fold_plugins"]
     # the adapters ship inside the namespace, with the type marker and the licence
     for path in ("fold_plugins/adapters/__init__.py", "fold_plugins/adapters/unrolled.py",
-                 "fold_plugins/adapters/theseus.py", "fold_plugins/adapters/cvxpylayers.py",
+                 "fold_plugins/adapters/theseus/__init__.py",
+                 "fold_plugins/adapters/theseus/layer.py",
+                 "fold_plugins/adapters/cvxpylayers/__init__.py",
+                 "fold_plugins/adapters/cvxpylayers/solver.py",
                  "fold_plugins/adapters/diffcp.py", "fold_plugins/py.typed",
                  "fold_plugins/prox.py", "fold_plugins/steps/proximal.py"):
         assert path in files, path

@@ -1,75 +1,8 @@
-"""FoldedTheseusLayer: a drop-in for ``th.TheseusLayer`` with the exact implicit gradient.
+"""``FoldedTheseusLayer`` (the mathematics: :mod:`fold_plugins.adapters.theseus`).
 
-Switching an existing Theseus model is one line::
-
-    layer = th.TheseusLayer(optimizer)            # before
-    layer = FoldedTheseusLayer(optimizer)         # after (also accepts the TheseusLayer itself)
-    values, info = layer(input_tensors, optimizer_kwargs)   # same call, same (dict, info)
-
-The forward is Theseus's own, with the caller's ``backward_mode`` (so the values are
-``th.TheseusLayer``'s bit for bit), run without an autograd graph for ``unroll`` (Theseus's
-default). Afterwards the objective's optimisation variables hold the returned, differentiable
-values, as ``th.TheseusLayer`` leaves them. For every instance whose forward converged
-(module :mod:`._theseus_policy`: Theseus's status, or a fixed point to working precision) the
-backward folds one
-update step ``U`` at the solution, written in the tangent coordinates ``ξ`` of the
-optimisation variables (``x = x* ⊕ ξ`` with each variable's own ``retract``):
-
-    U(ξ) = ξ − M⁻¹ g(x* ⊕ ξ, θ),    g = Jᵀr  (Theseus's ``Atb`` is ``−g``)
-
-    gauss_newton:          M = JᵀJ at x*                 (Theseus's linearization ``AtA``)
-    levenberg_marquardt:   M = JᵀJ + λD at x*, λ fixed   (D = I, or diag(JᵀJ) when ellipsoidal)
-    newton:                M = H = ∂g/∂ξ at x*           (the full Hessian of ½‖r‖², by autograd)
-
-``J`` and ``r`` are Theseus's own weighted Jacobians and errors in tangent coordinates. With a
-dense linear solver ``M`` is factored once (Cholesky, or LU for ``LUDenseSolver``) and every
-backward VJP reuses the factor; other linear solvers (e.g. ``CholmodSparseSolver``) are
-called as Theseus calls them, ``linearize(_detach_hessian=True)`` then ``solve()``.
-
-``M`` is held constant (it multiplies ``g(x*) = 0``, so its derivative does not enter), and
-the folded op solves ``(I − Φ)ᵀ v = ∂L/∂ξ`` with ``I − Φ = M⁻¹H`` at x*. Its result is the
-implicit-function-theorem gradient ``dξ*/dθ = −H⁻¹ ∂g/∂θ`` with the *full* Hessian
-``H = JᵀJ + Σᵢ rᵢ∇²rᵢ``; Theseus's ``implicit`` mode uses ``JᵀJ`` in its place. For
-``newton`` ``Φ = 0`` by construction, so the default ``backward="auto"`` skips the solve
-(``v = ∂L/∂ξ``) and the backward is one VJP of the step into the inputs — Theseus
-``implicit``'s one backward, with the full Hessian. ``H`` is built in the forward from
-colour-compressed VJPs run as one vmapped backward, which also checks that no instance reads
-another's state.
-
-Which step by default (``step="auto"``): ``newton`` with a dense linear solver when that
-compressed Hessian needs at most :data:`NEWTON_MAX_ROWS` VJP rows (small problems, and
-sparse ones whose cost functions touch few variables: the 90-dimensional SE2 pose graph needs
-9); otherwise the optimizer's own matrix (``gauss_newton`` for ``GaussNewton``/``Dogleg``,
-``levenberg_marquardt`` for ``LevenbergMarquardt``, also for every sparse linear solver)
-with a Krylov backward.
-
-Gradients reach every tensor the step touches: tensors in ``input_tensors`` (auxiliary
-variables, targets, data, cost-weight variables), cost-weight tensors held by the objective,
-and ``nn.Module`` parameters used inside ``AutoDiffCostFunction`` closures. The initial values
-of the optimisation variables get an exact zero gradient where the forward converged. Where it
-did not (a truncated inner loop, ``MAX_ITERATIONS``), the default ``unconverged="unroll"``
-gives those instances Theseus's own backward of what was computed (non-zero for the initial
-values), exactly as ``th.TheseusLayer``; ``"fold"`` and ``"raise"`` are the alternatives.
-
-Conditioning is judged on the factor of ``M`` (no eigen- or singular-value decomposition): the
-reciprocal condition number ``rcond₁ = 1 / (‖M‖₁ ‖M⁻¹‖₁)`` with ``‖M⁻¹‖₁`` estimated from
-three solves with the saved factor (Hager's 1-norm estimator with Higham's extra vector, the
-method of LAPACK's ``xPOCON``/``xGECON``; the estimate never exceeds ``‖M⁻¹‖₁``). Per instance:
-the factorisation fails, or ``rcond₁ ≤ eps`` of the dtype → singular; ``eps < rcond₁ ≤ n·eps``
-→ a :class:`fp.FoldConvergenceWarning` that the gradient has few correct digits.
-
-Per-instance failures do not spoil the batch. An instance whose Theseus solution (or whose
-per-instance input data) is NaN/Inf, or whose ``M`` is singular, is *excluded*: its step is
-replaced by the constant ``U = 0`` (so ``Φ = 0``, ``∂U/∂θ = 0``) evaluated on a copy of a
-good instance's data, so it contributes **exactly zero** to every gradient — its own inputs
-and shared parameters alike — while the other instances keep their exact gradients. It is
-flagged (``FoldInfo.forward_converged`` False, ``info.extra["excluded"]``) and named in a
-warning (a :class:`fp.FoldError` with ``strict=True``, or when no instance is left).
-
-Without a gradient to compute (under ``torch.no_grad()``, or when no input, cost weight or
-closure parameter requires grad) the layer is Theseus's forward only: no linearisation or
-factorisation at x*, and forward convergence is Theseus's own per-instance status
-(``FoldInfo.forward_converged``); only failures (status FAIL, non-finite solution) warn then.
+``forward`` runs four stages: parse the call (:func:`.setup.parse_call`), solve with Theseus
+(:meth:`FoldedTheseusLayer._solve`), fold one step at the solution (:meth:`_fold_solution`)
+and classify each instance (:meth:`_classify`, with :class:`.policy.InstancePolicy`).
 """
 
 from __future__ import annotations
@@ -78,6 +11,7 @@ import math
 import pickle
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -86,40 +20,40 @@ from torch import Tensor
 import fold_plugins as fp
 from fold_plugins.internal import default_fixed_point_tol
 
-from ._theseus_geometry import TangentGeometry
-from ._theseus_policy import (
-    Notes,
-    apply_policy,
+from ..base import FoldedModule
+from .geometry import TangentGeometry
+from .policy import InstancePolicy, status_mask
+from .setup import (
+    Call,
     check_policy,
-    inference,
-    note_backward_mode,
-    note_solve_floor,
-    report_excluded,
-    status_mask,
-    theseus_backward,
+    import_theseus,
+    lm_kwargs,
+    parse_call,
+    resolve_step_name,
+    step_kind,
 )
-from ._theseus_setup import NEWTON_MAX_ROWS, FlooredSolver, import_theseus, lm_kwargs, step_kind
-from ._theseus_step import TangentStep
-from .base import FoldedModule
+from .step import FlooredSolver, TangentStep
 
-__all__ = ["FoldedTheseusLayer", "STEPS", "FOLD_KWARGS", "NEWTON_MAX_ROWS"]
-
-#: step names accepted by ``FoldedTheseusLayer(step=...)`` (plus the aliases "gn", "lm").
-STEPS = ("auto", "gauss_newton", "levenberg_marquardt", "newton")
-_ALIASES = {"gn": "gauss_newton", "lm": "levenberg_marquardt", "gauss-newton": "gauss_newton",
-            "levenberg-marquardt": "levenberg_marquardt"}
-#: per-call overrides read from ``optimizer_kwargs`` and removed before Theseus sees them.
-FOLD_KWARGS = ("fold_step", "fold_backward", "fold_tol", "fold_maxiter", "fold_unconverged")
+__all__ = ["FoldedTheseusLayer"]
 
 
-def _resolve_step_name(step: str) -> str:
-    if not isinstance(step, str):
-        raise fp.FoldError(f"step must be one of {STEPS} (or 'gn'/'lm'), got "
-                           f"{type(step).__name__} {step!r}.")
-    name = _ALIASES.get(step.lower(), step.lower())
-    if name not in STEPS:
-        raise fp.FoldError(f"step must be one of {STEPS} (or 'gn'/'lm'), got {step!r}.")
-    return name
+@dataclass
+class _Solved:
+    """Theseus's forward of one call, read per instance (:meth:`FoldedTheseusLayer._solve`)."""
+
+    th_info: Any
+    x_star: list[Tensor]
+    #: the forward's differentiable outputs where it ran with Theseus's graph, else None
+    computed: dict[str, Tensor] | None
+    kind: str                 # the folded step
+    info: fp.FoldInfo
+    failed: Tensor            # (B,) Theseus status FAIL
+    th_converged: Tensor      # (B,) Theseus status CONVERGED
+    finite: Tensor            # (B,) finite solution
+
+    @property
+    def batch_size(self) -> int:
+        return self.x_star[0].shape[0]
 
 
 class FoldedTheseusLayer(FoldedModule):
@@ -189,7 +123,7 @@ class FoldedTheseusLayer(FoldedModule):
             raise fp.FoldError(
                 "optimizer must be a theseus Optimizer (GaussNewton, LevenbergMarquardt, "
                 f"Dogleg, DCEM, …) or a th.TheseusLayer, got {type(optimizer).__name__}.")
-        self.step = _resolve_step_name(step)
+        self.step = resolve_step_name(step)
         self.unconverged = check_policy(unconverged)
         if fixed_point_tol is not None and not (isinstance(fixed_point_tol, (int, float))
                                                 and fixed_point_tol > 0):
@@ -200,7 +134,7 @@ class FoldedTheseusLayer(FoldedModule):
         # optimizers without a least-squares step (DCEM) keep Theseus's backward
         self._geo = TangentGeometry(layer.optimizer) \
             if isinstance(layer.optimizer, th.NonlinearLeastSquares) else None
-        self._notes = Notes()
+        self._policy = InstancePolicy(layer, self._geo)
 
     # ------------------------------------------------------------------ th.TheseusLayer API
     @property
@@ -261,140 +195,143 @@ class FoldedTheseusLayer(FoldedModule):
             tensor at x* (differentiable); ``info`` is Theseus's ``OptimizerInfo`` with
             ``info.fold_info`` (:class:`fp.FoldInfo`).
         """
-        th = import_theseus()
-        if input_tensors is not None and not isinstance(input_tensors, dict):
-            raise fp.FoldError(f"input_tensors must be a dict name -> Tensor (or None), got "
-                               f"{type(input_tensors).__name__}.")
-        if optimizer_kwargs is not None and not isinstance(optimizer_kwargs, dict):
-            raise fp.FoldError(f"optimizer_kwargs must be a dict (or None), got "
-                               f"{type(optimizer_kwargs).__name__}.")
-        input_tensors = dict(input_tensors or {})
-        kwargs = dict(optimizer_kwargs or {})
-        overrides = {k: kwargs.pop(k) for k in FOLD_KWARGS if k in kwargs}
-        # validated exactly as th.TheseusLayer does (ValueError)
-        mode = th.BackwardMode.resolve(kwargs.get("backward_mode", "unroll"))
-        eps_dlm = kwargs.get("dlm_epsilon", 1e-2)
-        if mode == th.BackwardMode.DLM and not isinstance(eps_dlm, float):
-            raise ValueError(f"dlm_epsilon must be a float but {type(eps_dlm)} was given.")
-        if self._geo is None:
-            return theseus_backward(self, input_tensors, kwargs, mode)
+        call = parse_call(input_tensors, optimizer_kwargs, self._defaults(), self._geo)
+        if self._geo is None:  # no least-squares step to fold (DCEM)
+            values, th_info, self.last_info = self._policy.theseus_backward(call)
+            return values, th_info
         # Theseus sees its backward_mode: its forward values are exactly th.TheseusLayer's
-        note_backward_mode(self, mode, "backward_mode" in kwargs)
-        step_name = _resolve_step_name(overrides.get("fold_step", self.step))
-        solver = overrides.get("fold_backward", self.backward)
-        tol = float(overrides.get("fold_tol", self.tol))
-        maxiter = overrides.get("fold_maxiter", self.maxiter)
-        policy = check_policy(overrides.get("fold_unconverged", self.unconverged))
+        self._policy.note_backward_mode(call)
+        run = self._solve(call)
+        if not self._needs_graph(call):
+            self.last_info = run.info
+            values = self._policy.inference(
+                run.x_star, run.th_info, run.info, run.th_converged & run.finite & ~run.failed,
+                run.failed | ~run.finite, self.strict)
+            return values, run.th_info
+        step, xi = self._fold_solution(call, run)
+        return self._classify(call, run, step, xi), run.th_info
 
+    def _defaults(self) -> dict[str, Any]:
+        return {"step": self.step, "backward": self.backward, "tol": self.tol,
+                "maxiter": self.maxiter, "unconverged": self.unconverged}
+
+    def _solve(self, call: Call) -> _Solved:
+        """Theseus's own forward. Its ``unroll`` would record every iteration: run without a
+        graph (re-run only if an instance needs it); implicit/truncated/dlm keep a graph of one
+        or a few steps, so they run as th.TheseusLayer runs them and their graph serves the
+        unconverged instances."""
+        th = import_theseus()
         geo = self._geo
-        init = {v.name: v.tensor for v in geo.ordering}  # to re-run the forward with autograd
-        optimizer = self.optimizer
-        # Theseus's unroll would record every iteration: run it without a graph (re-run only
-        # if an instance needs it); implicit/truncated/dlm keep a graph of one or a few steps,
-        # so they run as th.TheseusLayer runs them and their graph serves unconverged instances
-        cheap_graph = mode != th.BackwardMode.UNROLL and torch.is_grad_enabled()
+        assert geo is not None
+        cheap_graph = call.mode != th.BackwardMode.UNROLL and torch.is_grad_enabled()
         with torch.set_grad_enabled(cheap_graph):
-            computed, th_info = self.layer(input_tensors, optimizer_kwargs=kwargs)
-        x_star = self._geo.solution()
+            computed, th_info = self.layer(call.input_tensors, optimizer_kwargs=call.kwargs)
+        x_star = geo.solution()
         if cheap_graph:
             geo.set_vars(x_star)  # the fold reads the objective without Theseus's graph
-        else:
-            computed = None
-        kind = step_kind(step_name, self.optimizer, self._geo)
+        kind = step_kind(call.step, self.optimizer, geo)
         B = x_star[0].shape[0]
-        dev, dt = x_star[0].device, x_star[0].dtype
+        dev = x_star[0].device
         info = fp.FoldInfo(batch_size=B)
         info.extra.update(step=kind, tangent_dim=geo.n, theseus_status=th_info.status)
         statuses = th.NonlinearOptimizerStatus
-        failed = status_mask(th_info, B, dev, statuses.FAIL)
-        th_conv = status_mask(th_info, B, dev, statuses.CONVERGED)
         iters = th_info.converged_iter.detach().to(device=dev).reshape(-1)
-        max_it = int(optimizer.params.max_iterations)
+        max_it = int(self.optimizer.params.max_iterations)
         info.forward_iterations = torch.where(iters >= 0, iters, torch.full_like(iters, max_it))
-        name = f"FoldedTheseusLayer ({type(optimizer).__name__})"
-        finite_x = torch.stack([torch.isfinite(x.reshape(B, -1)).all(dim=1) for x in x_star])
-        finite_x = finite_x.all(dim=0)
+        finite = torch.stack([torch.isfinite(x.reshape(B, -1)).all(dim=1) for x in x_star])
+        return _Solved(th_info=th_info, x_star=x_star, computed=computed if cheap_graph else None,
+                       kind=kind, info=info, failed=status_mask(th_info, B, dev, statuses.FAIL),
+                       th_converged=status_mask(th_info, B, dev, statuses.CONVERGED),
+                       finite=finite.all(dim=0))
 
-        if not self._needs_graph(input_tensors, init):
-            return inference(self, x_star, th_info, info, th_conv & finite_x & ~failed,
-                                   failed | ~finite_x, name)
-
-        solve_kwargs = lm_kwargs(kind, self.optimizer, kwargs)
+    def _fold_solution(self, call: Call, run: _Solved) -> tuple[TangentStep, Tensor]:
+        """Fold one update step at x* (the package docstring): the tangent displacement ``ξ``
+        (zero, with the implicit gradient attached) and the step, with its verdicts."""
+        geo, info, B = self._geo, run.info, run.batch_size
+        assert geo is not None
+        solve_kwargs = lm_kwargs(run.kind, self.optimizer, call.kwargs)
         if "damping" in solve_kwargs:
             info.extra["damping"] = solve_kwargs["damping"]
-        nonfinite = ~finite_x | geo.nonfinite_inputs(input_tensors, B)
+        nonfinite = ~run.finite | geo.nonfinite_inputs(call.input_tensors, B)
         if bool(nonfinite.all()):
-            bad_vars = [v.name for v, x in zip(geo.ordering, x_star)
+            bad_vars = [v.name for v, x in zip(geo.ordering, run.x_star)
                         if not bool(torch.isfinite(x).all())]
             raise fp.FoldError(
                 f"the Theseus solution ({', '.join(bad_vars) or 'no variable'}) or the "
                 f"per-instance input data is NaN/Inf for every instance ({B}); the forward "
                 "solve failed — check the problem, the initial values, or use "
                 "LevenbergMarquardt.")
-        fp_tol = self.fixed_point_tol if self.fixed_point_tol is not None \
-            else default_fixed_point_tol(dt)
-        step_fn = TangentStep(geo, optimizer, x_star, input_tensors, kind, solve_kwargs,
-                              nonfinite)
+        step = TangentStep(geo, self.optimizer, run.x_star, call.input_tensors, run.kind,
+                           solve_kwargs, nonfinite)
         try:
-            xi, info = fp.fold(step_fn, x_star[0].new_zeros(B, geo.n), *step_fn.params,
-                               solver=FlooredSolver(solver, step_fn), tol=tol, maxiter=maxiter,
-                               batched=True, strict=self.strict, return_info=True,
-                               fixed_point_tol=sys.float_info.max, info=info,
+            xi, info = fp.fold(step, run.x_star[0].new_zeros(B, geo.n), *step.params,
+                               solver=FlooredSolver(call.backward, step), tol=call.tol,
+                               maxiter=call.maxiter, batched=True, strict=self.strict,
+                               return_info=True, fixed_point_tol=sys.float_info.max, info=info,
                                solver_options=self.solver_options)
         finally:
-            geo.restore(x_star, input_tensors)
-        self.last_info = info
-        excluded = step_fn.excluded
-        info.extra.update(hessian_vjps=step_fn.hessian_vjps, forward_check="theseus_status",
-                          backward_tol=max(tol, step_fn.tol_floor), excluded=excluded,
-                          singular=step_fn.singular)
-        if step_fn.rcond is not None:
-            info.extra["rcond"] = step_fn.rcond
-        if step_fn.solve_residual is not None:
-            info.extra["linear_solve_residual"] = step_fn.solve_residual
-            note_solve_floor(self, name, step_fn, dt)
+            geo.restore(run.x_star, call.input_tensors)
+        self.last_info = run.info = info
+        info.extra.update(hessian_vjps=step.hessian_vjps, forward_check="theseus_status",
+                          backward_tol=max(call.tol, step.tol_floor), excluded=step.excluded,
+                          singular=step.singular)
+        if step.rcond is not None:
+            info.extra["rcond"] = step.rcond
+        if step.solve_residual is not None:
+            info.extra["linear_solve_residual"] = step.solve_residual
+            self._policy.note_solve_floor(step, run.x_star[0].dtype)
+        self._policy.report_excluded(nonfinite, step, self.strict, self.dtype)
+        return step, xi
 
-        # convergence as Theseus judges it, or a fixed point to working precision
-        xnorm = torch.cat([x.reshape(B, -1) for x in step_fn.x_used], dim=1).norm(dim=1)
+    def _classify(self, call: Call, run: _Solved, step: TangentStep, xi: Tensor
+                  ) -> dict[str, Tensor]:
+        """Each instance converged (Theseus's status, or a fixed point to working precision),
+        unconverged (the ``unconverged`` policy) or excluded; the values, as th.TheseusLayer
+        leaves them in the objective."""
+        geo, info, B = self._geo, run.info, run.batch_size
+        assert geo is not None
+        dt = run.x_star[0].dtype
+        fp_tol = self.fixed_point_tol if self.fixed_point_tol is not None \
+            else default_fixed_point_tol(dt)
+        excluded = step.excluded
+        xnorm = torch.cat([x.reshape(B, -1) for x in step.x_used], dim=1).norm(dim=1)
         rel = (info.fixed_point_residual.detach() / (1 + xnorm)).to(dt)
         rel = torch.where(excluded, torch.full_like(rel, math.nan), rel)
-        converged = (th_conv | (rel <= fp_tol)) & ~excluded
+        converged = (run.th_converged | (rel <= fp_tol)) & ~excluded
         unconverged = ~converged & ~excluded
         info.forward_residual = rel
         info.forward_converged = converged
-        report_excluded(self, name, nonfinite, step_fn)
 
-        values = geo.outputs(step_fn.x_used, x_star, xi, input_tensors, excluded)
+        values = geo.outputs(step.x_used, run.x_star, xi, call.input_tensors, excluded)
         unrolled = torch.zeros_like(unconverged)
         if bool(unconverged.any()):
-            values, unrolled = apply_policy(
-                self, policy, unconverged, failed, rel, values, init, input_tensors, kwargs,
-                mode, name, max_it, computed)
-        notes = self._notes
+            values, unrolled = self._policy.apply(call, unconverged, run.failed, rel, values,
+                                                  run.computed, self.strict)
+        notes = self._policy.notes
         for kind_name, mask in (("converged", converged), ("unconverged", unconverged),
                                 ("unrolled", unrolled), ("excluded", excluded)):
             info.extra[kind_name] = mask
             notes.count(kind_name, mask)
         if bool((converged & ~unrolled).any()) and any(
                 isinstance(t, Tensor) and t.requires_grad
-                for k, t in input_tensors.items() if k in geo.index):
-            notes.once("initial_values", f"{name}: the initial values get an exact zero "
-                       "gradient for the instances whose forward converged (the minimiser "
-                       "does not depend on where the search started).")
+                for k, t in call.input_tensors.items() if k in geo.index):
+            notes.once("initial_values", f"{self._policy.name}: the initial values get an "
+                       "exact zero gradient for the instances whose forward converged (the "
+                       "minimiser does not depend on where the search started).")
         info.extra["counts"] = dict(notes.counts)
         geo.set_vars([values[v.name] for v in geo.ordering])  # as th.TheseusLayer leaves them
-        th_info.fold_info = info
-        return values, th_info
+        run.th_info.fold_info = info
+        return values
 
     # ------------------------------------------------------------------ helpers
-    def _needs_graph(self, input_tensors: dict[str, Tensor], init: dict[str, Tensor]) -> bool:
+    def _needs_graph(self, call: Call) -> bool:
         """Whether a gradient can be asked of the output: grad mode on and some input, initial
         value, cost weight or closure parameter requires grad (the last seen only in the
         error's graph)."""
         if not torch.is_grad_enabled():
             return False
         if any(isinstance(t, Tensor) and t.requires_grad
-               for t in (*input_tensors.values(), *init.values())):
+               for t in (*call.input_tensors.values(), *call.init.values())):
             return True
         objective = self.objective
         if any(v.tensor.requires_grad for v in objective.aux_vars.values()):

@@ -1,9 +1,10 @@
-"""Which folded step the Theseus layer takes, and how its backward solve is set up.
+"""The Theseus layer's configuration: importing Theseus, the step names, what they resolve to.
 
-Private to :mod:`fold_plugins.adapters.theseus`: :func:`import_theseus`, :func:`step_kind`
-(what ``step="auto"`` means for an optimizer), :func:`lm_kwargs` (the LM damping the folded
-step uses) and :class:`FlooredSolver` (the backward solver with its tolerance floor, and no
-solve at all where ``Φ = 0``). The step itself is :mod:`._theseus_step`.
+Private to :mod:`fold_plugins.adapters.theseus`: :func:`import_theseus`, :data:`STEPS` and
+:func:`resolve_step_name` (``step=...``), :func:`step_kind` (what ``step="auto"`` means for an
+optimizer), :func:`lm_kwargs` (the LM damping the folded step uses) and :data:`FOLD_KWARGS`
+(the per-call overrides). The step itself is :mod:`.step`, the variables' layout
+:mod:`.geometry`.
 """
 
 from __future__ import annotations
@@ -11,19 +12,96 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
-import torch
 from torch import Tensor
 
 import fold_plugins as fp
-from fold_plugins.internal import exact_solve_info, get_solver
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ._theseus_geometry import TangentGeometry
-    from ._theseus_step import TangentStep
+from .geometry import TangentGeometry
 
-__all__ = ["NEWTON_MAX_ROWS", "FlooredSolver", "import_theseus", "lm_kwargs", "step_kind"]
+__all__ = ["NEWTON_MAX_ROWS", "STEPS", "FOLD_KWARGS", "UNCONVERGED_POLICIES", "Call",
+           "check_policy", "import_theseus", "lm_kwargs", "parse_call", "resolve_step_name",
+           "step_kind"]
+
+#: step names accepted by ``FoldedTheseusLayer(step=...)`` (plus the aliases "gn", "lm").
+STEPS = ("auto", "gauss_newton", "levenberg_marquardt", "newton")
+_ALIASES = {"gn": "gauss_newton", "lm": "levenberg_marquardt", "gauss-newton": "gauss_newton",
+            "levenberg-marquardt": "levenberg_marquardt"}
+#: per-call overrides read from ``optimizer_kwargs`` and removed before Theseus sees them.
+FOLD_KWARGS = ("fold_step", "fold_backward", "fold_tol", "fold_maxiter", "fold_unconverged")
+
+
+#: accepted values of ``FoldedTheseusLayer(unconverged=...)``.
+UNCONVERGED_POLICIES = ("unroll", "fold", "raise")
+
+
+def check_policy(policy: Any) -> str:
+    """``policy`` if it is one of :data:`UNCONVERGED_POLICIES`, else a :class:`fp.FoldError`."""
+    if not isinstance(policy, str) or policy not in UNCONVERGED_POLICIES:
+        raise fp.FoldError(f"unconverged must be one of {UNCONVERGED_POLICIES}, got "
+                           f"{policy!r}. 'unroll' (default) differentiates what a truncated "
+                           "forward computed, 'fold' folds it anyway, 'raise' refuses it.")
+    return policy
+
+
+@dataclass
+class Call:
+    """One call of the layer, parsed and validated before Theseus runs (:func:`parse_call`)."""
+
+    input_tensors: dict[str, Tensor]
+    #: ``optimizer_kwargs`` without the fold overrides (what Theseus sees)
+    kwargs: dict[str, Any]
+    #: Theseus's ``BackwardMode`` and whether the caller named one
+    mode: Any
+    explicit_mode: bool
+    #: the fold settings of this call (the layer's, or the ``fold_*`` overrides)
+    step: str
+    backward: str | Callable
+    tol: float
+    maxiter: int | None
+    policy: str
+    #: the optimisation variables' values before the solve (to re-run it with autograd)
+    init: dict[str, Tensor]
+
+
+def parse_call(input_tensors: Any, optimizer_kwargs: Any, defaults: dict[str, Any],
+               geo: TangentGeometry | None) -> Call:
+    """Validate a layer call as ``th.TheseusLayer`` does (a ValueError for a bad
+    ``backward_mode`` or ``dlm_epsilon``) and read the per-call :data:`FOLD_KWARGS` over
+    ``defaults`` (``step``, ``backward``, ``tol``, ``maxiter``, ``unconverged``)."""
+    th = import_theseus()
+    if input_tensors is not None and not isinstance(input_tensors, dict):
+        raise fp.FoldError(f"input_tensors must be a dict name -> Tensor (or None), got "
+                           f"{type(input_tensors).__name__}.")
+    if optimizer_kwargs is not None and not isinstance(optimizer_kwargs, dict):
+        raise fp.FoldError(f"optimizer_kwargs must be a dict (or None), got "
+                           f"{type(optimizer_kwargs).__name__}.")
+    kwargs = dict(optimizer_kwargs or {})
+    over = {k[len("fold_"):]: kwargs.pop(k) for k in FOLD_KWARGS if k in kwargs}
+    mode = th.BackwardMode.resolve(kwargs.get("backward_mode", "unroll"))
+    eps_dlm = kwargs.get("dlm_epsilon", 1e-2)
+    if mode == th.BackwardMode.DLM and not isinstance(eps_dlm, float):
+        raise ValueError(f"dlm_epsilon must be a float but {type(eps_dlm)} was given.")
+    opt = {**defaults, **over}
+    init = {} if geo is None else {v.name: v.tensor for v in geo.ordering}
+    return Call(input_tensors=dict(input_tensors or {}), kwargs=kwargs, mode=mode,
+                explicit_mode="backward_mode" in kwargs, step=resolve_step_name(opt["step"]),
+                backward=opt["backward"], tol=float(opt["tol"]), maxiter=opt["maxiter"],
+                policy=check_policy(opt["unconverged"]), init=init)
+
+
+def resolve_step_name(step: Any) -> str:
+    """The canonical name of ``step`` (one of :data:`STEPS`, aliases resolved), else a
+    :class:`fp.FoldError`."""
+    if not isinstance(step, str):
+        raise fp.FoldError(f"step must be one of {STEPS} (or 'gn'/'lm'), got "
+                           f"{type(step).__name__} {step!r}.")
+    name = _ALIASES.get(step.lower(), step.lower())
+    if name not in STEPS:
+        raise fp.FoldError(f"step must be one of {STEPS} (or 'gn'/'lm'), got {step!r}.")
+    return name
 
 
 def import_theseus() -> Any:
@@ -88,29 +166,3 @@ def lm_kwargs(kind: str, optimizer: Any, kwargs: dict[str, Any]) -> dict[str, An
             f"{tuple(damping.shape)}; pass a number, use a dense linear solver, or "
             "step='gauss_newton'/'newton'.")
     return out
-
-
-class FlooredSolver:
-    """The backward solver with its tolerance floored at ``min(√eps, eps / rcond₁(M))``.
-
-    Below about ``eps · cond(M)`` the residual of ``(I − Φᵀ) v = g`` is round-off: ``v ↦ v − Φᵀv``
-    goes through a solve with ``M``, and x* itself carries a relative error of that order. A
-    tighter tolerance would only spend ``maxiter`` iterations and warn (measured: a 30-pose SE2
-    graph in float32, cond(JᵀJ) ≈ 1.3e4, stalls at residual 1.1e-5 > 50·eps). The floor is
-    known once the step has factored ``M`` (the worst instance of the batch sets it), hence
-    this wrapper, read at backward time; the cap ``√eps`` keeps at least half the digits.
-    """
-
-    def __init__(self, solver: str | Callable, step: TangentStep):
-        self.__name__, self.solve = get_solver(solver)
-        self.step = step
-
-    def __call__(self, matvec: Callable, b: Tensor, *, x0: Tensor | None = None, tol: float,
-                 maxiter: int | None, **options: Any):
-        if self.__name__ == "auto" and self.step.phi_zero:
-            # (I − Φᵀ) = I exactly: v = b, no operator application (and none to judge)
-            not_isolated = torch.zeros(b.shape[0], dtype=torch.bool, device=b.device)
-            return b.clone(), exact_solve_info(b, "none: Φ = 0",
-                                               extra={"not_isolated": not_isolated})
-        return self.solve(matvec, b, x0=x0, tol=max(tol, self.step.tol_floor),
-                          maxiter=maxiter, **options)

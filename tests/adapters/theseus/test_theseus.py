@@ -220,7 +220,7 @@ def test_default_is_the_exact_newton_step_with_no_backward_solve(monkeypatch):
     so the backward applies no operator at all; H comes from 2 colour VJPs plus the
     batch-independence probe, in the forward. Above NEWTON_MAX_ROWS, Gauss-Newton + Krylov:
     the same gradient."""
-    import fold_plugins.adapters._theseus_setup as fth
+    import fold_plugins.adapters.theseus.setup as fth
 
     B = 4
     y = exp_data(B, noise=0.7, seed=3)

@@ -1,4 +1,4 @@
-"""The inverse of ``I − Φᵀ`` for the folded cone-program ADMM step (2) of :mod:`._cone_program`.
+"""The inverse of ``I − Φᵀ`` for the folded cone-program ADMM step (2) of :mod:`.program`.
 
 Linearising (2) (with ``M = P + σI + GᵀRG``, ``x⁺ = M⁻¹(σx − c + Gᵀy + GᵀR(s − h))``) gives
 
@@ -51,7 +51,7 @@ from torch import Tensor
 
 from fold_plugins import cones as K
 
-from ._cone_program import ConeProgram, chol_solve, dense_mv, shared, weighted_gram, x_update
+from .program import ConeData, ConeProgram, chol_solve, dense_mv, shared, weighted_gram, x_update
 
 __all__ = ["cone_admm", "ConeBlocks", "cone_blocks"]
 
@@ -206,14 +206,14 @@ def _weight(lam: Tensor, shift: Tensor) -> Tensor:
     return (1 - lam) / (lam + shift)
 
 
-def cone_admm(prog: ConeProgram, P: Tensor | None, q: Tensor, A: Tensor,
-              state: tuple[Tensor, Tensor, Tensor], R: Tensor, L: Tensor, sigma: float,
-              dense: tuple[Any, Any] = (None, None), eps: float | None = None
+def cone_admm(prog: ConeProgram, data: ConeData, state: tuple[Tensor, Tensor, Tensor],
+              R: Tensor, L: Tensor, sigma: float, dense: tuple[Any, Any] = (None, None),
+              eps: float | None = None
               ) -> Callable[[Tensor], Tensor]:
     """``(I − Φᵀ)⁻¹`` of the step (2) at ``state = (x, s, y)``, up to ``O(eps)`` (eq. (C4)).
 
     Args:
-        prog, P, q, A: the program and cvxpylayers' values (as for :func:`admm_step`).
+        prog, data: the program and this call's parsed data (:meth:`ConeProgram.parse`).
         state: the point ``(x (B, n), s (B, m), y (B, m))`` the step is folded at.
         R, L, sigma, dense: the step's penalties, Cholesky factor of ``M``, proximal weight
             and dense caches (as given to :func:`admm_step`).
@@ -224,11 +224,11 @@ def cone_admm(prog: ConeProgram, P: Tensor | None, q: Tensor, A: Tensor,
     """
     with torch.no_grad():
         x, s, y = (t.detach() for t in state)
-        P, q, A, R = (None if t is None else t.detach() for t in (P, q, A, R))
+        data, R = data.detach(), R.detach()
         B, n, m = x.shape[0], prog.n, prog.m
         dt, dev = x.dtype, x.device
-        Pv, _, Gv, h = prog.split(P, q, A)
-        _, Gx1h = x_update(prog, L, R, dense, (x, s, y), P, q, A)
+        Pv, Gv = data.P, data.G
+        _, Gx1h = x_update(prog, L, R, dense, (x, s, y), data)
         D = cone_blocks(Gx1h - y / R, prog.dims)
         one_G = shared(Gv)
         Gd = dense[1][0] if dense[1] is not None else None

@@ -1,7 +1,7 @@
-"""The cone-program ADMM preconditioner (eq. (C1)–(C4) of ``adapters/_cone_preconditioner.py``):
-its cone Jacobians against autograd of the projections, its inverse against the step's own
-Jacobian built from VJPs, and FoldedSolver's preconditioned backward (a few VJPs) against
-cvxpylayers/diffcp at tight tolerances."""
+"""The cone-program ADMM preconditioner (eq. (C1)–(C4) of
+``adapters/cvxpylayers/preconditioner.py``): its cone Jacobians against autograd of the
+projections, its inverse against the step's own Jacobian built from VJPs, and FoldedSolver's
+preconditioned backward (a few VJPs) against cvxpylayers/diffcp at tight tolerances."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from cvxpylayers.torch import CvxpyLayer  # noqa: E402
 from test_cvxpylayers_plugin import PROBLEMS  # noqa: E402  (same folder, on sys.path)
 
 from fold_plugins import cones as K  # noqa: E402
-from fold_plugins.adapters._cone_preconditioner import cone_admm, cone_blocks  # noqa: E402
-from fold_plugins.adapters._cone_program import admm_step  # noqa: E402
 from fold_plugins.adapters.cvxpylayers import FoldedSolver, cvxpylayers_reference  # noqa: E402
+from fold_plugins.adapters.cvxpylayers.preconditioner import cone_admm, cone_blocks  # noqa: E402
+from fold_plugins.adapters.cvxpylayers.program import admm_step  # noqa: E402
 from fold_plugins.adapters.diffcp import diffcp_reference  # noqa: E402
 from fold_plugins.fold import linearize  # noqa: E402
 
@@ -63,13 +63,14 @@ def _solved(kind: str, **kw):
 
 def _pc_error(state, sigma: float, eps: float | None) -> torch.Tensor:
     """Worst relative ``‖pc((I − Φᵀ)w) − w‖`` with Φ the step's Jacobian from its VJPs."""
-    prog, P, q, A, x, s, y, _, R, L, dense = state
+    prog, P, q, A, x, s, y = state.prog, state.P, state.q, state.A, state.x, state.s, state.y
+    R, L, dense = state.R, state.L, state.dense
     B, N = x.shape[0], prog.n + 2 * prog.m
     with torch.enable_grad():
         lin = linearize(admm_step(prog, L, R, dense), (x, s, y), P, q, A)
         eye = torch.eye(N, dtype=x.dtype)
         PhiT = lin.vjp_batched(eye[:, None, :].expand(N, B, N)).permute(1, 2, 0)
-    pc = cone_admm(prog, P, q, A, (x, s, y), R, L, sigma, dense, eps=eps)
+    pc = cone_admm(prog, state.data, (x, s, y), R, L, sigma, dense, eps=eps)
     w = torch.randn(B, N, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
     r = w - (PhiT @ w.unsqueeze(-1)).squeeze(-1)
     return ((pc(r) - w).norm(dim=1) / w.norm(dim=1)).max()
@@ -130,15 +131,15 @@ def test_auto_preconditions_mostly_polyhedral_programs_and_bad_values_are_named(
 
 @pytest.mark.parametrize("pairs", [True, False])
 def test_weighted_gram_matches_the_dense_product(pairs, monkeypatch):
-    from fold_plugins.adapters import _cone_program as CP
+    from fold_plugins.adapters.cvxpylayers import program as CP
 
     if not pairs:  # the per-instance sparse product used for dense rows
         monkeypatch.setattr(CP, "MAX_GRAM_PAIRS", 0)
     for kind in ("qp", "socp", "exp"):
         _, state = _solved(kind)
-        prog, P, q, A = state[:4]
+        prog = state.prog
         prog._pairs = None
-        _, _, Gv, _ = prog.split(P, q, A)
+        Gv = state.data.G
         w = torch.rand(Gv.shape[0], prog.m, generator=torch.Generator().manual_seed(3),
                        dtype=F64)
         Gd = prog.dense_G(Gv)

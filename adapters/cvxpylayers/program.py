@@ -24,7 +24,7 @@ Its fixed points are exactly the KKT points of (1) (``y⁺ = y`` gives ``s = Gx 
 ``s = Π_K(s − R⁻¹y)`` is ``s ∈ K, y ∈ K*, sᵀy = 0``; then ``x⁺ = x`` is stationarity), and M
 is the same constant for every θ, so folding (2) gives the exact implicit derivative. The
 backward's GMRES can be preconditioned by the inverse of ``I − Φᵀ`` built from P, G, R and
-the projection's derivative (:mod:`._cone_preconditioner`).
+the projection's derivative (:mod:`.preconditioner`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from fold_plugins import FoldError
 from fold_plugins import cones as K
 from fold_plugins.internal import self_contained
 
-__all__ = ["ConeProgram", "admm_step", "factor", "kkt_residual", "weighted_gram",
+__all__ = ["ConeProgram", "ConeData", "admm_step", "factor", "kkt_residual", "weighted_gram",
            "x_update", "dense_mv", "shared", "chol_solve"]
 
 #: A sparse canonical matrix denser than this is applied as a cached dense matrix.
@@ -142,6 +142,23 @@ def shared(values: Tensor) -> bool:
     return values.shape[0] == 1 or bool((values == values[:1]).all())
 
 
+@dataclass(frozen=True)
+class ConeData:
+    """One call's data of (1), parsed once from cvxpylayers' ``(P, q, A)`` values
+    (:meth:`ConeProgram.parse`) and handed to every stage of the call (forward, polish, KKT
+    check, penalty, factor, preconditioner): ``P`` values ``(B, nnz_P)`` or ``None`` (an LP),
+    ``c (B, n)``, ``G`` values ``(B, nnz_G)``, ``h (B, m)``."""
+
+    P: Tensor | None
+    c: Tensor
+    G: Tensor
+    h: Tensor
+
+    def detach(self) -> ConeData:
+        return ConeData(None if self.P is None else self.P.detach(), self.c.detach(),
+                        self.G.detach(), self.h.detach())
+
+
 @dataclass
 class ConeProgram:
     """Sparsity structure of (1), from cvxpylayers' ``LayersContext`` (torch index tensors)."""
@@ -207,14 +224,14 @@ class ConeProgram:
                    G_param=_depends_on_parameters(ctx.reduced_A, nnz_G))
 
     # ------------------------------------------------------------------ data from values
-    def split(self, P: Tensor | None, q: Tensor, A: Tensor
-              ) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
-        """``(P values, c (B, n), G values, h (B, m))`` from cvxpylayers' ``(P, q, A)``."""
+    def parse(self, P: Tensor | None, q: Tensor, A: Tensor) -> ConeData:
+        """The data of (1) from cvxpylayers' ``(P, q, A)`` (differentiable: the folded step
+        parses its arguments on every call; every other stage receives one parsed copy)."""
         Gv = A[:, :self.nnz_G] if self.G_param else A[:, :self.nnz_G].detach()
         P = P if (P is None or self.P_param) else P.detach()
         h = A.new_zeros(A.shape[0], self.m).index_add(1, self.h_rows.to(A.device),
                                                       A[:, self.nnz_G:])
-        return P, q[:, :self.n], Gv, h
+        return ConeData(P, q[:, :self.n], Gv, h)
 
     def G(self, Gv: Tensor, x: Tensor, dense: Any = None) -> Tensor:
         """``Gx`` for every instance (``Gv (B, nnz)``, ``x (B, n)``; ``dense``: cached G)."""
@@ -351,12 +368,11 @@ def factor(prog: ConeProgram, Pv: Tensor | None, Gv: Tensor, R: Tensor, sigma: f
 
 
 def x_update(prog: ConeProgram, L: Tensor, R: Tensor, dense: tuple[Any, Any],
-             state: tuple[Tensor, Tensor, Tensor], P: Tensor | None, q: Tensor, A: Tensor
-             ) -> tuple[Tensor, Tensor]:
+             state: tuple[Tensor, Tensor, Tensor], data: ConeData) -> tuple[Tensor, Tensor]:
     """``(x⁺, Gx⁺ + h)`` of (2) (the projection's argument is ``Gx⁺ + h − R⁻¹y``)."""
     Pd, Gd = dense
     x, s, y = state
-    Pv, c, Gv, h = prog.split(P, q, A)
+    Pv, c, Gv, h = data.P, data.c, data.G, data.h
     rx = prog.P(Pv, x, Pd) + c - prog.GT(Gv, y + R * (s - prog.G(Gv, x, Gd) - h), Gd)
     x1 = x - chol_solve(L, rx)
     return x1, prog.G(Gv, x1, Gd) + h
@@ -370,7 +386,7 @@ def admm_step(prog: ConeProgram, L: Tensor, R: Tensor,
     def step(state: tuple[Tensor, Tensor, Tensor], P: Tensor | None, q: Tensor, A: Tensor
              ) -> tuple[Tensor, Tensor, Tensor]:
         y = state[2]
-        x1, Gx1h = x_update(prog, L, R, dense, state, P, q, A)
+        x1, Gx1h = x_update(prog, L, R, dense, state, prog.parse(P, q, A))
         s1 = K.product(Gx1h - y / R, prog.dims)
         y1 = y + R * (s1 - Gx1h)
         return x1, s1, y1
@@ -380,12 +396,12 @@ def admm_step(prog: ConeProgram, L: Tensor, R: Tensor,
     return self_contained(step)
 
 
-def kkt_residual(prog: ConeProgram, P: Tensor | None, q: Tensor, A: Tensor, x: Tensor,
-                 s: Tensor, y: Tensor) -> Tensor:
+def kkt_residual(prog: ConeProgram, data: ConeData, x: Tensor, s: Tensor, y: Tensor
+                 ) -> Tensor:
     """``(B,)`` relative KKT residual of (1): stationarity, primal and cone feasibility,
     complementarity, each scaled by ``1 +`` the size of its terms."""
     with torch.no_grad():
-        Pv, c, Gv, h = prog.split(P, q, A)
+        Pv, c, Gv, h = data.P, data.c, data.G, data.h
         Px, GTy, Gx = prog.P(Pv, x), prog.GT(Gv, y), prog.G(Gv, x)
         amax = lambda t: t.abs().amax(dim=1) if t.shape[1] else t.new_zeros(t.shape[0])  # noqa: E731
         dual = amax(Px + c - GTy) / (1 + torch.maximum(amax(Px), amax(c)).maximum(amax(GTy)))

@@ -1,15 +1,4 @@
-"""cvxpylayers plugin and reference.
-
-``FoldedSolver``: a cvxpylayers ``SolverInterface`` whose backward folds one ADMM step of the
-canonical cone program (exact implicit gradient, matrix-free, a few MB; on LPs and QPs GMRES is
-preconditioned by the step's exact inverse, 2–3 VJPs) — one keyword switches a layer::
-
-    from cvxpylayers.torch import CvxpyLayer
-    from fold_plugins.adapters.cvxpylayers import FoldedSolver, FoldedCvxpyLayer
-    layer = CvxpyLayer(problem, parameters=[q, b], variables=[x], solver=FoldedSolver())
-    layer = FoldedCvxpyLayer(problem, [q, b], [x], backward="dense")   # the same, as a module
-
-Reference (cross-checks): a cvxpy problem as a differentiable torch function.
+"""The cvxpylayers reference (cross-checks): a cvxpy problem as a differentiable torch function.
 
     from fold_plugins.adapters.cvxpylayers import cvxpylayers_reference
     ref = cvxpylayers_reference(problem, [q, b], [x])          # tight tolerances by default
@@ -18,37 +7,23 @@ Reference (cross-checks): a cvxpy problem as a differentiable torch function.
 Built on ``cvxpylayers.torch.CvxpyLayer`` (cvxpylayers ≥ 1.2): the forward solves the cone
 program of ``problem`` for each instance and the backward is diffcp's implicit derivative of
 the homogeneous self-dual embedding. cvxpy and cvxpylayers are imported only when a reference
-is built (``pip install 'fold-plugins[cvx]'``).
+is built (``pip install 'fold-plugins[cvx]'``). :func:`import_cvx`, :func:`_check_problem` and
+:func:`batch_size_of` are shared with :mod:`..diffcp`.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from fold_plugins import FoldError
 
-if TYPE_CHECKING:  # imported lazily at run time (needs cvxpylayers), see __getattr__
-    from ._folded_solver import FoldedCvxpyLayer, FoldedSolver
-
-__all__ = ["FoldedSolver", "FoldedCvxpyLayer", "cvxpylayers_reference", "CvxpyLayersReference",
-           "TIGHT_SOLVER_ARGS", "import_cvx"]
-
-
-def __getattr__(name: str) -> Any:
-    # FoldedSolver subclasses cvxpylayers' SolverInterface: import cvxpylayers only when asked
-    if name in ("FoldedSolver", "FoldedCvxpyLayer"):
-        try:
-            from . import _folded_solver
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError(f"{name} needs cvxpylayers ≥ 1.2 and clarabel ({e}); install "
-                              "them with: pip install 'fold-plugins[cvx]'") from e
-        return getattr(_folded_solver, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["cvxpylayers_reference", "CvxpyLayersReference", "TIGHT_SOLVER_ARGS", "import_cvx",
+           "batch_size_of"]
 
 #: Default diffcp/solver options per forward solver: converge far past the 1e-5 VJP checks.
 #: ``mode="dense"`` solves diffcp's derivative system by dense factorisation (exact for the

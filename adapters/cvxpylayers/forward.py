@@ -1,4 +1,4 @@
-"""Forward solvers of the canonical cone program (1) of :mod:`._cone_program`.
+"""Forward solvers of the canonical cone program (1) of :mod:`.program`.
 
 - :func:`solve_clarabel`: Clarabel per instance (CPU, float64, tight tolerances, duals).
 - :func:`solve_torch_qp`: a batched torch ADMM with polishing
@@ -21,7 +21,7 @@ from torch import Tensor
 from fold_plugins import FoldError
 from fold_plugins import cones as K
 
-from ._cone_program import ConeProgram
+from .program import ConeData, ConeProgram
 
 __all__ = ["CLARABEL_SETTINGS", "ConeProgramSolveError", "solve_clarabel", "solve_torch_qp"]
 
@@ -116,8 +116,7 @@ def _clarabel_layout(prog: ConeProgram) -> tuple[list[Any], np.ndarray]:
     return cones, np.concatenate(perm).astype(np.int64)
 
 
-def solve_clarabel(prog: ConeProgram, P: Tensor | None, q: Tensor, A: Tensor,
-                   settings: dict[str, Any] | None = None
+def solve_clarabel(prog: ConeProgram, data: ConeData, settings: dict[str, Any] | None = None
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Solve every instance of (1) with Clarabel (``min ½xᵀPx + cᵀx, −Gx + s = h, s ∈ K``)."""
     try:
@@ -127,10 +126,10 @@ def solve_clarabel(prog: ConeProgram, P: Tensor | None, q: Tensor, A: Tensor,
                           "with: pip install 'fold-plugins[cvx]', or use forward='torch'.") from e
     cones, perm = _clarabel_layout(prog)
     st = clarabel_settings(settings or {})
-    B = q.shape[0]
-    dt, dev = q.dtype, q.device
+    B = data.c.shape[0]
+    dt, dev = data.c.dtype, data.c.device
     Pv, c, Gv, h = (None if t is None else t.detach().to("cpu", torch.float64).numpy()
-                    for t in prog.split(P, q, A))
+                    for t in (data.P, data.c, data.G, data.h))
     Gr, Gc = prog.G_rows.numpy(), prog.G_cols.numpy()
     xs, ss, ys, its, ok = [], [], [], [], []
     failed: dict[str, list[int]] = {}
@@ -169,9 +168,8 @@ def solve_clarabel(prog: ConeProgram, P: Tensor | None, q: Tensor, A: Tensor,
             torch.as_tensor(ok, dtype=torch.bool, device=dev))
 
 
-def solve_torch_qp(prog: ConeProgram, P: Tensor | None, q: Tensor, A: Tensor,
-                   options: dict[str, Any] | None = None, strict: bool = False
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def solve_torch_qp(prog: ConeProgram, data: ConeData, options: dict[str, Any] | None = None,
+                   strict: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Batched torch ADMM (OSQP-style, polished) for LP/QP instances of (1)."""
     from fold_plugins.steps.quadprog import INF, QPInfeasibleError, solve_qp_admm
 
@@ -182,14 +180,14 @@ def solve_torch_qp(prog: ConeProgram, P: Tensor | None, q: Tensor, A: Tensor,
                         "forward='clarabel' (the default) for second-order, exponential or "
                         "PSD constraints.")
     with torch.no_grad():
-        Pv, c, Gv, h = prog.split(P, q, A)
-        B = q.shape[0]
-        Pd = prog.dense_P(Pv, B, q)
+        Pv, c, Gv, h = data.P, data.c, data.G, data.h
+        B = c.shape[0]
+        Pd = prog.dense_P(Pv, B, c)
         Gd = prog.dense_G(Gv)
         lo = -h
-        up = torch.where(torch.arange(prog.m, device=q.device) < d.zero, -h,
+        up = torch.where(torch.arange(prog.m, device=c.device) < d.zero, -h,
                          torch.full_like(h, INF))
-        opts = {"tol": 1e-10 if q.dtype == torch.float64 else 1e-5, "maxiter": 20_000}
+        opts = {"tol": 1e-10 if c.dtype == torch.float64 else 1e-5, "maxiter": 20_000}
         opts.update(options or {})
         try:
             (x, _, ya), info = solve_qp_admm(Pd, c, Gd, lo, up, strict=strict, **opts)

@@ -1,10 +1,11 @@
 """``FoldedSolver``: a cvxpylayers ``SolverInterface`` with a folded backward (see
-:mod:`.cvxpylayers` for the user-facing docs and :mod:`._cone_program` for the maths)."""
+:mod:`fold_plugins.adapters.cvxpylayers` for the user-facing docs and :mod:`.program` for the
+maths)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from cvxpylayers.interfaces.base import SolverInterface
@@ -13,12 +14,12 @@ from torch import Tensor
 import fold_plugins as fp
 from fold_plugins.internal import linearize
 
-from ._cone_forward import solve_clarabel, solve_torch_qp
-from ._cone_preconditioner import cone_admm
-from ._cone_program import ConeProgram, admm_step, factor, kkt_residual, shared
-from .base import FoldedModule
+from ..base import FoldedModule
+from .forward import solve_clarabel, solve_torch_qp
+from .preconditioner import cone_admm
+from .program import ConeData, ConeProgram, admm_step, factor, kkt_residual, shared
 
-__all__ = ["FoldedSolver", "FoldedCvxpyLayer"]
+__all__ = ["FoldedSolver", "FoldedCvxpyLayer", "SavedSolve"]
 
 _FORWARDS = ("clarabel", "torch")
 #: Largest folded state ``n + 2m`` whose forward solution is polished by dense semismooth
@@ -26,6 +27,23 @@ _FORWARDS = ("clarabel", "torch")
 POLISH_MAX_STATE = 400
 #: Above it, at most this many plain iterations of the step refine the forward's solution.
 POLISH_ITERS = 200
+
+
+class SavedSolve(NamedTuple):
+    """What a forward call hands its backward (cvxpylayers' ``saved_state``)."""
+
+    prog: ConeProgram
+    data: ConeData          # the call's parsed data (detached)
+    P: Tensor | None        # cvxpylayers' raw values, re-parsed by the folded step
+    q: Tensor
+    A: Tensor
+    x: Tensor               # the polished solution (B, n), slack (B, m), dual (B, m)
+    s: Tensor
+    y: Tensor
+    info: fp.FoldInfo
+    R: Tensor               # the step's penalties (B, m), factor of M, dense caches
+    L: Tensor
+    dense: tuple[Any, Any]
 
 
 class FoldedSolver(SolverInterface):
@@ -49,7 +67,7 @@ class FoldedSolver(SolverInterface):
             converges, never the gradient.
         sigma: proximal weight of the step's x-update.
         precondition: give the backward's GMRES/BiCGStab the inverse of ``I − Φᵀ`` built from
-            the step's own matrices (:func:`._cone_preconditioner.cone_admm`: one ``n × n``
+            the step's own matrices (:func:`.preconditioner.cone_admm`: one ``n × n``
             Cholesky factor per instance, made in backward; GMRES then needs 2–3 iterations).
             ``"auto"`` (default): where zero and nonnegative rows are at least half of the
             constraint rows (LPs, QPs: the unpreconditioned step converges slowly along the
@@ -125,25 +143,26 @@ class FoldedSolver(SolverInterface):
                                    f"instance(s) {bad.flatten().tolist()}: check the "
                                    "parameter tensors passed to the layer.")
         opts = {**self.forward_options, **(solver_args or {})}
+        data = prog.parse(P, q, A).detach()  # once per call: every stage below reads it
         if self.forward == "clarabel":
-            x, s, y, its, ok = solve_clarabel(prog, P, q, A, opts)
+            x, s, y, its, ok = solve_clarabel(prog, data, opts)
             remedy = ("raise Clarabel's max_iter (solver_args={'max_iter': ...}), or check the "
                       "instance's scaling")
         else:
-            x, s, y, its, ok = solve_torch_qp(prog, P, q, A, opts, strict=self._m.strict)
+            x, s, y, its, ok = solve_torch_qp(prog, data, opts, strict=self._m.strict)
             remedy = "raise maxiter in forward_options, or use forward='clarabel'"
-        x, s, y, R, L, dense = self._polish(prog, P, q, A, x, s, y)
-        res = kkt_residual(prog, P, q, A, x, s, y)
+        x, s, y, R, L, dense = self._polish(prog, data, P, q, A, x, s, y)
+        res = kkt_residual(prog, data, x, s, y)
         # an "AlmostSolved" (or stopped) instance that polishing brought to KKT accuracy is solved
         ok = ok | (res <= (1e-9 if q.dtype == torch.float64 else 1e-5))
         info = fp.FoldInfo(batch_size=q.shape[0], forward_iterations=its, forward_residual=res,
                            forward_converged=ok)
         self._m.last_info = info
         self._m._report_forward(ok, res, f"FoldedSolver ({self.forward})", remedy)
-        return x, y, (prog, P, q, A, x, s, y, info, R, L, dense)
+        return x, y, SavedSolve(prog, data, P, q, A, x, s, y, info, R, L, dense)
 
-    def _polish(self, prog: ConeProgram, P: Tensor | None, q: Tensor, A: Tensor, x: Tensor,
-                s: Tensor, y: Tensor) -> tuple[Tensor, ...]:
+    def _polish(self, prog: ConeProgram, data: ConeData, P: Tensor | None, q: Tensor,
+                A: Tensor, x: Tensor, s: Tensor, y: Tensor) -> tuple[Tensor, ...]:
         """Semismooth Newton on the fixed-point equation ``w = U(w)`` of (2) for curved cones.
 
         An interior-point solution with complementarity gap ε is only √ε-accurate on a
@@ -154,8 +173,8 @@ class FoldedSolver(SolverInterface):
         above :data:`POLISH_MAX_STATE`; a Newton step is kept only where it reduces the
         fixed-point residual ``‖U(w) − w‖``.
         """
-        Pv, _, Gv, _ = prog.split(P, q, A)
-        R = prog.rho_vector(self._rho(prog, P, q, A))
+        Pv, Gv = data.P, data.G
+        R = prog.rho_vector(self._rho(data))
         L = factor(prog, Pv, Gv, R, self.sigma)
         N = prog.n + 2 * prog.m
         dense = prog.dense_caches(Pv, Gv)
@@ -209,15 +228,15 @@ class FoldedSolver(SolverInterface):
                 w = w1
         return w
 
-    def _rho(self, prog: ConeProgram, P: Tensor | None, q: Tensor, A: Tensor) -> Tensor:
-        B = q.shape[0]
+    def _rho(self, data: ConeData) -> Tensor:
+        Pv, c, Gv = data.P, data.c, data.G
+        B = c.shape[0]
         if self.rho is not None:
-            return q.new_full((B,), self.rho)
-        Pv, c, Gv, _ = prog.split(P, q, A)
+            return c.new_full((B,), self.rho)
 
         def amax(t: Tensor | None) -> Tensor:
             if t is None or t.shape[1] == 0:
-                return q.new_zeros(B)
+                return c.new_zeros(B)
             return t.abs().amax(1)
 
         num = torch.maximum(amax(Pv), amax(c)).clamp(min=1.0)
@@ -234,10 +253,10 @@ class FoldedSolver(SolverInterface):
         polyhedral = prog.dims.zero + prog.dims.nonneg
         return 2 * polyhedral >= prog.m
 
-    def derivative_torch_batch(self, dprimal: Tensor, ddual: Tensor, saved_state: Any
+    def derivative_torch_batch(self, dprimal: Tensor, ddual: Tensor, saved_state: SavedSolve
                                ) -> tuple[Tensor | None, Tensor, Tensor]:
         """Backward: fold the ADMM step (2) at ``(x, s, y)`` and return ``(dP, dq, dA)``."""
-        prog, P, q, A, x, s, y, info, R, L, dense = saved_state
+        prog, data, P, q, A, x, s, y, info, R, L, dense = saved_state
         # P only when a parameter enters it (else the step detaches it: no gradient formed)
         leaves = [None if P is None else P.detach().requires_grad_(prog.P_param),
                   q.detach().requires_grad_(True), A.detach().requires_grad_(True)]
@@ -248,7 +267,7 @@ class FoldedSolver(SolverInterface):
         if (self._preconditioned(prog) and "preconditioner" not in opts
                 and m.backward in ("gmres", "bicgstab", "auto")):
             opts["preconditioner"] = fp.preconditioners.lazy(
-                cone_admm, prog, P, q, A, (x, s, y), R, L, self.sigma, dense)
+                cone_admm, prog, data, (x, s, y), R, L, self.sigma, dense)
         with torch.enable_grad():
             (xf, _, yf), m.last_info = fp.fold(
                 step, (x, s, y), Pl, ql, Al, solver=m.backward, tol=m.tol, maxiter=m.maxiter,

@@ -15,7 +15,7 @@ import torch
 
 from fold_plugins.verify import compare_gradients, reference_name
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 SUITES_DIR = ROOT / "comparisons" / "suites"
 #: the report's text comes from these files (the learning/experiment suites have other owners)
 TEXT_SOURCES = ["comparisons/report.py", "comparisons/cli.py",

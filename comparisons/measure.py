@@ -153,11 +153,10 @@ def vjp_time(step: Callable, x: Any, *params: Any, device: torch.device, rounds:
     Measured as a backward runs them, back to back: the median over ``rounds`` of the mean
     time of ``per_round`` consecutive applications (a median of isolated calls would miss the
     preemption a long backward suffers on a loaded machine, and flatter the floor)."""
-    from fold_plugins._linearize import _IminusPhiT
-    from fold_plugins.fold import linearize
+    from fold_plugins.internal import AdjointOperator, linearize
 
     lin = linearize(step, x, *params)
-    op = _IminusPhiT(lin)
+    op = AdjointOperator(lin)
     v = torch.ones(lin.spec.B, lin.spec.n, dtype=lin.x_parts[0].dtype, device=device)
     op(v)
     times = []

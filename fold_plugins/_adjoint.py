@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ._errors import FoldConvergenceWarning, FoldError, instance_list, report_unconverged
-from ._linearize import Linearization, _IminusPhiT
+from ._linearize import AdjointOperator, Linearization
 from ._solver_base import exact_solve_info
 from ._verdicts import backward_remedy
 from .solvers import SolveInfo, get_solver
@@ -145,7 +145,7 @@ class Adjoint:
             return torch.zeros_like(g)
         self.check_batch_independence()
         g, finite = self._finite_rhs(g, "incoming gradient of fold's output", "gradients")
-        op = _masked(_IminusPhiT(lin), self.excluded)
+        op = _masked(AdjointOperator(lin), self.excluded)
         v, sinfo = self._run(op, g)
         self._record(sinfo, op.count)
         self._judge(sinfo, "folded backward")

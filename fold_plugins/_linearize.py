@@ -323,8 +323,8 @@ def _step_key(step: Callable) -> Any:
     return code if code is not None else type(step)
 
 
-class _IminusPhiT:
-    """The operator ``v ↦ v − Φᵀv`` in the solver protocol (with ``matmat`` for ``dense``).
+class AdjointOperator:
+    """The operator ``v ↦ v − Φᵀv`` of (I − Φ)ᵀv = g in the solver protocol (with ``matmat`` for ``dense``).
 
     The VJP is captured once (:meth:`Linearization.vjp_fn`): each application is one engine
     call and one subtraction, the least a Krylov iteration can spend on the operator."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from ._conditioning import rcond_from_factor
 from ._errors import instance_list, report_unconverged
+from ._linearize import AdjointOperator
 from ._solver_base import SolveInfo, exact_solve_info
 from ._state import (
     State,
@@ -26,6 +27,7 @@ from .solvers import get_solver
 from .steps._common import self_contained
 
 __all__ = [
+    "AdjointOperator",
     "SolveInfo",
     "State",
     "as_parts",

@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fold_plugins as fp
 from fold_plugins._krylov import _Arnoldi
-from fold_plugins._linearize import _IminusPhiT, linearize
+from fold_plugins.internal import AdjointOperator, linearize
 
 DT = torch.float64
 
@@ -90,7 +90,7 @@ def test_captured_operator_matches_autograd_jacobian():
         return torch.tanh(x @ W + th)
 
     lin = linearize(step, x, theta)
-    op = _IminusPhiT(lin)
+    op = AdjointOperator(lin)
     v = torch.randn(B, n, generator=g, dtype=DT)
     J = torch.autograd.functional.jacobian(lambda z: step(z, theta.detach()), x)  # (B,n,B,n)
     Jd = torch.stack([J[i, :, i, :] for i in range(B)])  # per-instance ∂U/∂x
@@ -104,7 +104,7 @@ def test_captured_operator_matches_autograd_jacobian():
 def test_captured_operator_with_phi_zero_and_with_a_tuple_state():
     theta = torch.randn(3, 5, dtype=DT, requires_grad=True)
     x = torch.rand(3, 5, dtype=DT)
-    op = _IminusPhiT(linearize(lambda x, th: 2.0 * th, x, theta))  # U ignores x: Φ = 0
+    op = AdjointOperator(linearize(lambda x, th: 2.0 * th, x, theta))  # U ignores x: Φ = 0
     v = torch.randn(3, 5, dtype=DT)
     assert torch.equal(op(v), v)
     # a two-part state: Φᵀ of (a, b) ↦ (a·b + θ, a − b) from the closed form
@@ -113,7 +113,7 @@ def test_captured_operator_with_phi_zero_and_with_a_tuple_state():
     v = torch.randn(3, 4, dtype=DT)
     va, vb = v[:, :2], v[:, 2:]
     truth = torch.cat([va * b0 + vb, va * a0 - vb], dim=1)
-    assert torch.allclose(_IminusPhiT(lin)(v), v - truth, rtol=1e-14, atol=1e-15)
+    assert torch.allclose(AdjointOperator(lin)(v), v - truth, rtol=1e-14, atol=1e-15)
 
 
 class _CountOps(TorchDispatchMode):

@@ -324,7 +324,8 @@ def _step_key(step: Callable) -> Any:
 
 
 class AdjointOperator:
-    """The operator ``v ↦ v − Φᵀv`` of (I − Φ)ᵀv = g in the solver protocol (with ``matmat`` for ``dense``).
+    """The operator ``v ↦ v − Φᵀv`` of (I − Φ)ᵀv = g, in the solver protocol (with ``matmat``
+    for ``dense``).
 
     The VJP is captured once (:meth:`Linearization.vjp_fn`): each application is one engine
     call and one subtraction, the least a Krylov iteration can spend on the operator."""

@@ -31,6 +31,7 @@ from ._errors import FoldConvergenceWarning, FoldError, instance_list, report_un
 from ._linearize import AdjointOperator, Linearization
 from ._solver_base import exact_solve_info
 from ._verdicts import backward_remedy
+from .protocols import SupportsMatmat, cost_key, normalize_solve_info
 from .solvers import SolveInfo, get_solver
 
 __all__ = ["Adjoint", "FoldVJP"]
@@ -54,7 +55,7 @@ class _Masked:
 
     def __init__(self, op: Any, excluded: Tensor | None):
         self.op, self.excluded = op, excluded
-        if hasattr(op, "matmat"):
+        if isinstance(op, SupportsMatmat):
             self.matmat = self._matmat
 
     @property
@@ -64,7 +65,7 @@ class _Masked:
     @property
     def cost_key(self) -> Any:
         """The step's identity, for ``solver="auto"``'s cost cache."""
-        return getattr(self.op, "cost_key", None)
+        return cost_key(self.op)
 
     def __call__(self, v: Tensor) -> Tensor:
         out = self.op(v)
@@ -176,7 +177,12 @@ class Adjoint:
         x, sinfo = self.solver(op, b, x0=None, tol=self.tol, maxiter=self.maxiter,
                                **self.solver_options)
         self.info.backward_time = time.perf_counter() - t0
-        return x, sinfo
+        if not (isinstance(x, Tensor) and x.shape == b.shape):
+            seen = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise FoldError(f"backward solver {self.solver_name!r} returned x of shape {seen} "
+                            f"for b of shape {tuple(b.shape)}: a solver must return (x, info) "
+                            "with x shaped like b.")
+        return x, normalize_solve_info(sinfo, b, self.solver_name)
 
     def _finite_rhs(self, b: Tensor, what: str, plural: str) -> tuple[Tensor, Tensor | None]:
         finite = torch.isfinite(b).all(dim=1)
@@ -201,17 +207,17 @@ class Adjoint:
     def _record(self, s: SolveInfo, count: int) -> None:
         info = self.info
         # a dispatching solver (``auto``) names what actually ran: "auto (dense)"
-        ran = getattr(s, "solver", "")
+        ran = s.solver
         info.backward_solver = (self.solver_name if not ran or ran == self.solver_name
                                 else f"{self.solver_name} ({ran})")
         info.backward_iterations = s.iterations
         info.backward_residual = s.residual
         info.backward_converged = s.converged
         info.backward_matvecs = count
-        if getattr(s, "diverged", None) is not None:
+        if s.diverged is not None:
             info.extra["backward_diverged"] = s.diverged
         for key in ("not_isolated", "stagnated"):
-            if key in getattr(s, "extra", {}):
+            if key in s.extra:
                 info.extra[f"backward_{key}"] = s.extra[key]
 
     def _judge(self, s: SolveInfo, what: str) -> None:

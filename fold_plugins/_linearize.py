@@ -33,6 +33,7 @@ from ._state import (
     relative_residual,
     validate_state,
 )
+from .protocols import step_traits
 
 __all__ = ["Linearization", "linearize"]
 
@@ -131,7 +132,7 @@ class Linearization:
             with torch.no_grad(), _record.collect() as notes:
                 out = step(tuple(self.x_parts) if tuple_state else self.x_parts[0], *params)
             self.notes = notes
-            self.batch_independent = getattr(step, "batch_independent", False) is True
+            self.batch_independent = step_traits(step).batch_independent
             self.out_parts = self._check_output(out)
             self._diff, self.inputs = [], []
             self.complete, self._unreached = True, ([], [])
@@ -139,7 +140,7 @@ class Linearization:
         self.x_parts = tuple(t.detach().requires_grad_(True) for t in x_parts)
         # a step may opt out of the recorder (module _capture): the graph walk finds its leaves
         recorder = StepRecorder(self.x_parts, params) \
-            if getattr(step, "record_captured", True) is not False else None
+            if step_traits(step).record_captured else None
         since = sequence_mark(self.x_parts[0]) if recorder is None else None
         try:
             with torch.enable_grad(), _record.collect() as notes, \
@@ -155,7 +156,7 @@ class Linearization:
         self.notes = notes  # what the step's building blocks reported (e.g. weakly active)
         #: the step vouches that ∂U[i]/∂x[j] = 0 for i ≠ j (read after it ran: a step may
         #: verify it while it runs); the backward then skips its one-VJP probe
-        self.batch_independent = getattr(step, "batch_independent", False) is True
+        self.batch_independent = step_traits(step).batch_independent
         out_parts = self._check_output(out)
         self.out_parts = out_parts
         self._diff = [i for i, o in enumerate(out_parts) if o.requires_grad]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .solvers import SolveInfo
+from ._solver_base import SolveInfo
 
 __all__ = ["NOT_ISOLATED", "backward_remedy", "not_isolated_mask"]
 
@@ -25,7 +25,7 @@ NOT_ISOLATED = ("the fixed point is not isolated (e.g. a gauge or symmetry): I �
 
 def not_isolated_mask(s: SolveInfo) -> Tensor:
     """``(B,)`` bool: the instances a solver flagged as singular (``extra["not_isolated"]``)."""
-    flag = getattr(s, "extra", {}).get("not_isolated")
+    flag = s.extra.get("not_isolated")
     if flag is None:
         return torch.zeros_like(s.converged, dtype=torch.bool)
     return flag.to(torch.bool)
@@ -40,12 +40,11 @@ def backward_remedy(s: SolveInfo, solver_name: str, maxiter: int | None) -> str:
         remedy = ("the step's vector-Jacobian product is NaN/Inf at x_star (a point where "
                   "the step is not differentiable, e.g. sqrt or norm at 0): make the step "
                   "differentiable there")
-    elif bool(getattr(s, "extra", {}).get("stagnated", torch.zeros(1, dtype=torch.bool))
-              .any()):
+    elif bool(s.extra.get("stagnated", torch.zeros(1, dtype=torch.bool)).any()):
         remedy = ("the residual stagnated: the step's VJP is only accurate to about that "
                   "level (round-off inside the step), so loosen tol to it or compute the "
                   "step more accurately (e.g. float64)")
-    elif getattr(s, "diverged", None) is not None and bool(s.diverged.any()):
+    elif s.diverged is not None and bool(s.diverged.any()):
         remedy = ("the fixed-point iteration diverged, so ρ(Φ) ≥ 1 for that step: use "
                   "solver='gmres' (or 'dense' for small states)")
     elif solver_name == "fixed_point":

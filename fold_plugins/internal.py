@@ -23,11 +23,31 @@ from ._state import (
     validate_state,
 )
 from .fold import default_fixed_point_tol, linearize
+from .protocols import (
+    BackwardSolver,
+    BatchedOperator,
+    CountsApplications,
+    HasCostKey,
+    Step,
+    StepTraits,
+    SupportsMatmat,
+    normalize_solve_info,
+    step_traits,
+)
 from .solvers import get_solver
 from .steps._common import self_contained
 
 __all__ = [
     "AdjointOperator",
+    "BackwardSolver",
+    "BatchedOperator",
+    "CountsApplications",
+    "HasCostKey",
+    "Step",
+    "StepTraits",
+    "SupportsMatmat",
+    "normalize_solve_info",
+    "step_traits",
     "SolveInfo",
     "State",
     "as_parts",

@@ -45,6 +45,7 @@ from ._conditioning import not_isolated_threshold, rcond_from_factor, roundoff_f
 from ._errors import FoldError
 from ._krylov import bicgstab, gmres
 from ._solver_base import MatVec, SolveInfo, _check_b, _effective_tol, _verdict
+from .protocols import SupportsMatmat, cost_key
 
 __all__ = ["SOLVERS", "SolveInfo", "auto", "bicgstab", "dense", "fixed_point", "get_solver",
            "gmres"]
@@ -125,7 +126,7 @@ def dense(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1
     tol = _effective_tol(tol, b.dtype)
     dev, dt = b.device, b.dtype
     cols = []
-    matmat = getattr(matvec, "matmat", None)
+    matmat = matvec.matmat if isinstance(matvec, SupportsMatmat) else None
     n_mv = 0
     if matmat is not None:
         k = max(1, min(n, chunk_elements // max(1, B * n)))
@@ -216,7 +217,7 @@ def _probe(matvec: MatVec, b: Tensor) -> _Costs:
     dev, dt = b.device, b.dtype
     _, t1 = _timed(lambda: matvec(b), dev)
     _, t1 = _timed(lambda: matvec(b), dev)  # the first call may pay one-time set-up
-    matmat = getattr(matvec, "matmat", None)
+    matmat = matvec.matmat if isinstance(matvec, SupportsMatmat) else None
     col = t1
     if matmat is not None and n > 1:
         k = min(n, 8)
@@ -293,12 +294,12 @@ def auto(matvec: MatVec, b: Tensor, *, x0: Tensor | None = None, tol: float = 1e
                               preconditioner=preconditioner, **options)
     if B * n * n > AUTO_DENSE_MAX_ELEMENTS:
         return run_gmres()
-    key = (getattr(matvec, "cost_key", None), B, n, b.dtype, b.device, preconditioner is None)
+    key = (cost_key(matvec), B, n, b.dtype, b.device, preconditioner is None)
     c = _AUTO_CACHE.get(key)
     n_probe = 0
     if c is None:
         c = _probe(matvec, b)
-        n_probe = 2 + (1 if getattr(matvec, "matmat", None) is not None and n > 1 else 0)
+        n_probe = 2 + (1 if isinstance(matvec, SupportsMatmat) and n > 1 else 0)
         if len(_AUTO_CACHE) > 256:
             _AUTO_CACHE.clear()
         _AUTO_CACHE[key] = c

@@ -282,6 +282,7 @@ def _hvp(lin: Linearization, v: Tensor, dx: Sequence[Tensor], dp: Sequence[Tenso
         first = torch.autograd.grad(outs, wrt, [cot[i] for i in lin._diff],
                                     create_graph=True, retain_graph=True, allow_unused=True)
         s = _flat_dot(first, list(dx) + list(dp))
+        second: Sequence[Tensor | None]
         if s is None or not s.requires_grad:
             second = [None] * len(wrt)
         else:
@@ -325,7 +326,7 @@ class _SecondOrder(torch.autograd.Function):
         return tuple(_second_order(adj, v, w))
 
     @staticmethod
-    def backward(ctx, *c: Tensor):
+    def backward(ctx, *grads: Tensor | None):
         if any(torch._C._will_engine_execute_node(node) for node in ctx.anchors):
             raise FoldError(
                 "third and higher derivatives through fp.fold are not supported (first and "
@@ -334,7 +335,7 @@ class _SecondOrder(torch.autograd.Function):
         adj: Adjoint = ctx.adj
         lin, n_x = adj.lin, ctx.n_x
         c = [torch.zeros_like(o) if ci is None else ci for ci, o in
-             zip(c, list(lin.x_parts) * 2 + list(lin.inputs))]
+             zip(grads, list(lin.x_parts) * 2 + list(lin.inputs))]
         c_g, c_x, c_p = c[:n_x], c[n_x:2 * n_x], c[2 * n_x:]
         e = _hvp(lin, ctx.v, c_x, c_p)
         rhs = [cg + ex for cg, ex in zip(c_g, e[:n_x])]

@@ -136,7 +136,10 @@ def sequence_mark(t: Tensor) -> int:
     """The autograd sequence number the next recorded op will get (nodes are numbered in the
     order they are made, per thread), from one throw-away view of the grad-requiring ``t``."""
     with torch.enable_grad():  # fold may run under no_grad with forward-mode AD active
-        return t.view_as(t).grad_fn._sequence_nr() + 1
+        node = t.view_as(t).grad_fn
+        if node is None:
+            raise FoldError("internal: sequence_mark needs a tensor that requires grad.")
+        return node._sequence_nr() + 1
 
 
 def reach(outputs: Iterable[Tensor], state: Sequence[Tensor], inputs: Sequence[Tensor],
@@ -181,5 +184,5 @@ def reach(outputs: Iterable[Tensor], state: Sequence[Tensor], inputs: Sequence[T
         if since is not None and node._sequence_nr() < since:
             unknown = True  # made before the step: a captured non-leaf tensor
             continue
-        stack.extend(nf for nf, _ in node.next_functions)
+        stack.extend(nf for nf, _ in node.next_functions if nf is not None)
     return Reach(reached, unknown, leaves)

@@ -87,9 +87,11 @@ def clip_free(v: Tensor, lo: Tensor | None = None, hi: Tensor | None = None) -> 
         if eq is not None:
             delta = torch.where(eq, torch.zeros_like(delta), delta)
         lo_act = None if lo is None else vd < lo.detach() - delta
-        hi_act = None if hi is None else vd > hi.detach() + delta
-        if eq is not None:
-            hi_act = hi_act | (eq & (vd >= hi.detach()))
+        hi_act = None
+        if hi is not None:
+            hi_act = vd > hi.detach() + delta
+            if eq is not None:
+                hi_act = hi_act | (eq & (vd >= hi.detach()))
         weak = torch.zeros_like(vd, dtype=torch.bool)
         if lo is not None:
             weak = weak | (((vd - lo.detach()).abs() <= delta) & (lo.detach().abs() < ABSENT_BOUND))
@@ -98,9 +100,9 @@ def clip_free(v: Tensor, lo: Tensor | None = None, hi: Tensor | None = None) -> 
         if eq is not None:
             weak = weak & ~eq
     out = v
-    if lo is not None:
+    if lo is not None and lo_act is not None:
         out = torch.where(lo_act, lo, out)
-    if hi is not None:
+    if hi is not None and hi_act is not None:
         out = torch.where(hi_act, hi, out)
     if bool(weak.any()):
         exact = vd

@@ -155,13 +155,19 @@ class _Arnoldi:
         L = r.new_ones(r.shape[0], 1, 1)  # the last row of Q so far, (B, 1, j + 1)
         est = est0.view(-1, 1, 1)
         # per column j: h (B, 1, j+1), h_{j+1,j}, ℓ (B, 1, j+1), c and s
-        self.h, self.hk, self.l, self.c, self.s = hs, hks, ls, cs, ss = [], [], [], [], []
+        hs: list[Tensor] = []
+        hks: list[Tensor] = []
+        ls: list[Tensor] = []
+        cs: list[Tensor] = []
+        ss: list[Tensor] = []
+        self.h, self.hk, self.l, self.c, self.s = hs, hks, ls, cs, ss
         k = 0
         for j in range(min(self.m, budget)):
             if pc is None:
                 w = matvec(V[:, j])
             else:
                 zj = pc(V[:, j])
+                assert self.zn is not None  # allocated with the preconditioner
                 self.zn[:, j] = zj.norm(dim=1)
                 w = matvec(zj)
             k = j + 1
@@ -228,7 +234,7 @@ class _Arnoldi:
         y = torch.linalg.solve_triangular(R, beta[:, None, None] * F[:, :, :1], upper=True)
         step = torch.bmm(y.mT, self.V[:, :k]).squeeze(1)
         col = Ht.norm(dim=2)
-        if self.pc is not None:  # a zero z_j (an instance that broke down) has a zero column
+        if self.zn is not None:  # a zero z_j (an instance that broke down) has a zero column
             zn = self.zn[:, :k]
             col = col / torch.where(zn > 0, zn, self.one)
         return step, col.amax(dim=1)

@@ -135,7 +135,8 @@ class Linearization:
             self.batch_independent = step_traits(step).batch_independent
             self.out_parts = self._check_output(out)
             self._diff, self.inputs = [], []
-            self.complete, self._unreached = True, ([], [])
+            self.complete = True
+            self._unreached: tuple[list[int], list[Tensor]] = ([], [])
             return
         self.x_parts = tuple(t.detach().requires_grad_(True) for t in x_parts)
         # a step may opt out of the recorder (module _capture): the graph walk finds its leaves
@@ -290,10 +291,9 @@ class Linearization:
 
 #: whether the direct engine call of :func:`_engine_grad` works in this torch (checked once)
 _FAST_ENGINE = [True]
-try:
-    from torch.autograd.graph import _engine_run_backward
-except ImportError:  # pragma: no cover - a torch without it: autograd.grad throughout
-    _engine_run_backward = None
+_engine_run_backward: Callable[..., tuple[Tensor | None, ...]] | None = getattr(
+    torch.autograd.graph, "_engine_run_backward", None)
+if _engine_run_backward is None:  # pragma: no cover - a torch without it: autograd.grad
     _FAST_ENGINE[0] = False
 
 
@@ -305,6 +305,8 @@ def _engine_grad(outs: Sequence[Tensor], inputs: Sequence[Tensor], cots: Sequenc
     iteration). Same engine, same graph, same result bit for bit. ``None`` (and the fast path
     switched off for the process) when this torch's private entry point differs: callers then
     use ``torch.autograd.grad``."""
+    if _engine_run_backward is None:
+        return None
     try:
         return _engine_run_backward(tuple(outs), tuple(cots), True, False, tuple(inputs),
                                     True, False)

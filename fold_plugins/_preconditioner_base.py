@@ -39,11 +39,14 @@ def lu_factor(M: Tensor, where: str) -> tuple[Tensor, Tensor]:
 
 class _Lazy:
     def __init__(self, build: Callable[..., Preconditioner], args: tuple, kwargs: dict):
-        self.build, self.args, self.kwargs, self.fn = build, args, kwargs, None
+        self.build = build
+        self.args: tuple | None = args
+        self.kwargs: dict | None = kwargs
+        self.fn: Preconditioner | None = None
 
     def __call__(self, v: Tensor) -> Tensor:
         if self.fn is None:
-            self.fn = self.build(*self.args, **self.kwargs)
+            self.fn = self.build(*(self.args or ()), **(self.kwargs or {}))
             self.args = self.kwargs = None  # the factor is all that is kept
         return self.fn(v)
 

@@ -231,7 +231,7 @@ class _PSDProject(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(M: Tensor) -> Tensor:
+    def forward(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         lam, Q = torch.linalg.eigh(M)
         return (Q * torch.relu(lam).unsqueeze(-2)) @ Q.transpose(-1, -2), lam, Q
 

@@ -90,11 +90,11 @@ class FoldInfo:
         parts = [f"B={self.batch_size}", f"fixed-point residual {fmt(self.fixed_point_residual)}"]
         if self.forward_iterations is not None:
             parts.append(f"forward iters max {int(self.forward_iterations.max())}")
-        if self.backward_ran:
-            parts.append(f"backward {self.backward_solver}: iters max "
-                         f"{int(self.backward_iterations.max())}, residual "
-                         f"{fmt(self.backward_residual)}, converged "
-                         f"{int(self.backward_converged.sum())}/{self.batch_size}")
+        its, conv = self.backward_iterations, self.backward_converged
+        if its is not None and conv is not None:
+            parts.append(f"backward {self.backward_solver}: iters max {int(its.max())}, "
+                         f"residual {fmt(self.backward_residual)}, converged "
+                         f"{int(conv.sum())}/{self.batch_size}")
         return "; ".join(parts)
 
 

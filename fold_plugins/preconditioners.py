@@ -61,8 +61,7 @@ def newton(H: Tensor, damping: float | Tensor = 1.0, step_matrix: Tensor | None 
     S = (Hb + regularization * torch.eye(n, dtype=Hb.dtype, device=Hb.device)
          if step_matrix is None else _batch_matrix(step_matrix, "step_matrix", "newton"))
     L, info = torch.linalg.cholesky_ex(Hb)
-    chol = not bool((info != 0).any())
-    LU, piv = (None, None) if chol else _lu(Hb, "newton")
+    LU, piv = (None, None) if not bool((info != 0).any()) else _lu(Hb, "newton")
     t = torch.as_tensor(damping, dtype=Hb.dtype, device=Hb.device).detach().reshape(-1, 1)
     if not bool((t != 0).all()):
         raise FoldError(f"newton: damping must be non-zero, got {damping!r}.")
@@ -70,7 +69,7 @@ def newton(H: Tensor, damping: float | Tensor = 1.0, step_matrix: Tensor | None 
     def apply(v: Tensor) -> Tensor:
         B = v.shape[0]
         rhs = v.unsqueeze(-1)
-        if chol:
+        if LU is None or piv is None:  # factored by Cholesky
             w = torch.cholesky_solve(rhs, L.expand(B, -1, -1))
         else:
             w = torch.linalg.lu_solve(LU.expand(B, -1, -1), piv.expand(B, -1), rhs)

@@ -360,7 +360,7 @@ def polytope(x: Tensor, A: Tensor | None = None, b: Tensor | None = None,
         raise FoldError("polytope: give A with b and G with h (or leave a pair None).")
     rows, lo, up = [], [], []
     for M, v, eq, nm in ((A, b, True, ("A", "b")), (G, h, False, ("G", "h"))):
-        if M is None:
+        if M is None or v is None:
             continue
         m = _check_rows(x, M, v, nm[0], nm[1], "polytope")
         Mb = M if M.dim() == 3 else M.expand(B, m, n)

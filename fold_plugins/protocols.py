@@ -92,7 +92,7 @@ class HasCostKey(Protocol):
     cost_key: Any
 
 
-def cost_key(op: BatchedOperator) -> Any:
+def cost_key(op: Callable[..., Any]) -> Any:
     """``op.cost_key`` where the operator declares one, else ``None`` (costs not cached)."""
     return op.cost_key if isinstance(op, HasCostKey) else None
 

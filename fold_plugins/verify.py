@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -90,11 +90,11 @@ def _check_cotangent(cot: tuple[Tensor, ...], outs: tuple[Tensor, ...], what: st
 
 def _pairing(outs: tuple[Tensor, ...], cot: tuple[Tensor, ...]) -> Tensor:
     """``Σ_k ⟨cot_k, out_k⟩`` in float64."""
-    total = None
+    total: Tensor | None = None
     for o, c in zip(outs, cot):
         term = (o.to(torch.float64) * c.to(device=o.device, dtype=torch.float64)).sum()
         total = term if total is None else total + term.to(total.device)
-    return total
+    return total if total is not None else torch.zeros((), dtype=torch.float64)
 
 
 # ----------------------------------------------------------------------------- finite differences
@@ -355,12 +355,13 @@ def compare_gradients(fn: Callable[..., Any], reference: Callable[..., Any] | st
     value_error = None
     if is_fd:
         ref_name = FINITE_DIFFERENCES
-        vjps_b = []
+        vjps_b: list[list[Tensor]] = []
         for cot in cotangents:
             g = finite_difference_vjp(fn, args, cot, eps=eps, wrt=idx)
-            vjps_b.append([g[i] for i in idx])
+            vjps_b.append([cast(Tensor, g[i]) for i in idx])  # idx: all computed
     else:
         ref_name = name or reference_name(reference)
+        assert callable(reference)  # checked above: a callable or FINITE_DIFFERENCES
         outs_b, vjps_b, _ = _autograd_vjps(reference, args, idx, cotangents, "reference")
         num = math.sqrt(sum(float(((a.to(torch.float64) - b.to(device=a.device,
                                                                 dtype=torch.float64)) ** 2).sum())

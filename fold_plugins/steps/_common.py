@@ -23,8 +23,7 @@ def self_contained(step: Callable) -> Callable:
     reads otherwise is detached): :func:`fold_plugins.fold` then skips its batch-independence
     probe (one VJP per backward) and its op recorder (``batch_independent``,
     ``record_captured``)."""
-    step.batch_independent = True
-    step.record_captured = False
+    vars(step).update(batch_independent=True, record_captured=False)  # the StepTraits
     return step
 
 

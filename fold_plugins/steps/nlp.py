@@ -146,7 +146,7 @@ def sqp(f: Fn, g: Fn | None = None, h: Fn | None = None, *, hessian: str | Calla
         raise FoldError(f"sqp: subproblem must be 'admm' or 'active_set', got {subproblem!r}.")
     qopts = {"tol": 1e-13, "maxiter": 50_000}
     qopts.update(qp_options or {})
-    qfwd = {"strict": strict, **qopts}
+    qfwd: dict[str, Any] = {"strict": strict, **qopts}
 
     def step(state: tuple[Tensor, Tensor, Tensor], *params: Any) -> tuple[Tensor, Tensor, Tensor]:
         if not isinstance(state, (tuple, list)) or len(state) != 3:

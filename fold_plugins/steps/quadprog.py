@@ -257,15 +257,15 @@ def solve_qp_admm(P: Tensor, q: Tensor, A: Tensor, l: Tensor, u: Tensor, *,
                     todo = fresh & ~polished
                     if not bool(todo.any()):
                         break
-                    idx = torch.nonzero(todo).flatten()
-                    Pc, Ac = _expand(P, B, 2)[idx], _expand(A, B, 2)[idx]
-                    qc, lc, uc = qb[idx], lb[idx], ub[idx]
-                    xp, zp, yp, pok = _polish(Pc, qc, Ac, lc, uc, up_g[idx], lo_g[idx])
+                    sel = torch.nonzero(todo).flatten()
+                    Pc, Ac = _expand(P, B, 2)[sel], _expand(A, B, 2)[sel]
+                    qc, lc, uc = qb[sel], lb[sel], ub[sel]
+                    xp, zp, yp, pok = _polish(Pc, qc, Ac, lc, uc, up_g[sel], lo_g[sel])
                     s_, f_, c_ = qp_kkt_residual(Pc, qc, Ac, lc, uc, xp, yp)
-                    pok &= (s_ <= tol * sd[idx]) & (f_ <= tol * sp[idx]) & \
-                        (c_ <= tol * sd[idx])
+                    pok &= (s_ <= tol * sd[sel]) & (f_ <= tol * sp[sel]) & \
+                        (c_ <= tol * sd[sel])
                     if bool(pok.any()):
-                        good = idx[pok]
+                        good = sel[pok]
                         x, z, y = x.clone(), z.clone(), y.clone()
                         x[good], z[good], y[good] = xp[pok], zp[pok], yp[pok]
                         polished[good] = True
@@ -338,7 +338,8 @@ def solve_qp_admm(P: Tensor, q: Tensor, A: Tensor, l: Tensor, u: Tensor, *,
     return (x, z, y), info
 
 
-def qp(P: Tensor, q: Tensor, A: Tensor, l: Tensor, u: Tensor, *, backward: str = "gmres",
+def qp(P: Tensor, q: Tensor, A: Tensor, l: Tensor, u: Tensor, *,
+       backward: str | Callable = "gmres",
        backward_tol: float = 1e-12, return_state: bool = False, return_info: bool = False,
        admm_options: dict[str, Any] | None = None, warm_start=None, strict: bool = False,
        precondition: bool = True):

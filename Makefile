@@ -6,7 +6,7 @@ PIP     := $(VPY) -m pip --no-input
 Q       := -q --progress-bar off
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 
-.PHONY: test report venv clean lint
+.PHONY: test report venv clean lint typecheck pytest
 
 venv: $(STAMP)
 
@@ -30,7 +30,10 @@ $(STAMP): pyproject.toml Makefile
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-test: venv
+# the test command (README, .ci/run): lint, type-check, then the test suite
+test: lint typecheck pytest
+
+pytest: venv
 	$(VPY) -m pytest -q tests
 
 report: venv
@@ -38,6 +41,10 @@ report: venv
 
 lint: venv
 	$(VPY) -m ruff check fold_plugins adapters comparisons tests
+
+# mypy's basic checks on the core and the adapters (configured in pyproject.toml)
+typecheck: venv
+	$(VPY) -m mypy
 
 clean:
 	rm -rf $(VENV) comparisons/out

@@ -223,9 +223,11 @@ def fold(step: Callable, x_star: State, *params: Any, solver: str | Callable = "
     lin = linearize(step, x_star, *params, batched=batched, graph=graph)
     info = info if info is not None else FoldInfo()
     info.batch_size = lin.spec.B
-    if lin.spec.B == 0 or lin.spec.n == 0:  # nothing to solve: an empty result, no graph
+    if lin.spec.B == 0 or lin.spec.n == 0:  # nothing to solve: an empty result, whose path
+        # to the step's inputs (0·U(x*), empty) gives them exact zero gradients in every mode
         info.fixed_point_residual = lin.x_parts[0].new_zeros(lin.spec.B)
-        out = tuple(x.detach().clone() for x in lin.x_parts)
+        out = tuple(x.detach() + 0 * u if u.requires_grad else x.detach().clone()
+                    for x, u in zip(lin.x_parts, lin.out_parts))
         result = tuple(out) if lin.tuple_state else out[0]
         return (result, info) if return_info else result
     res = lin.residual()

@@ -73,6 +73,25 @@ def test_empty_batch_returns_an_empty_result():
     assert x.shape == (0, 3) and info.batch_size == 0
 
 
+@pytest.mark.parametrize("c_shape", [(0, 3), (3,)])
+def test_empty_batch_differentiates_to_exact_zeros_in_every_mode(c_shape):
+    """A training loop's empty last batch: backward, double backward and forward mode give
+    the exact (zero) derivative, shaped like the parameter."""
+    c = torch.randn(*c_shape, dtype=DT, requires_grad=True)
+    x0 = torch.zeros(0, 3, dtype=DT)
+    x = fp.fold(affine_step, x0, c)
+    assert x.requires_grad and x.shape == (0, 3)
+    (x ** 2).sum().backward()
+    assert c.grad is not None and torch.equal(c.grad, torch.zeros(c_shape, dtype=DT))
+    (g,) = torch.autograd.grad(fp.fold(affine_step, x0, c).sum(), c, create_graph=True)
+    assert torch.equal(g, torch.zeros(c_shape, dtype=DT))
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(c.detach(), torch.ones(c_shape, dtype=DT))
+        out = fp.fold(affine_step, x0, dual)
+        tangent = torch.autograd.forward_ad.unpack_dual(out).tangent
+    assert out.shape == (0, 3) and tangent is not None and tangent.shape == (0, 3)
+
+
 def test_meta_tensor_is_refused():
     with pytest.raises(fp.FoldError, match="x_star is a meta tensor"):
         fp.fold(affine_step, torch.zeros(2, 3, device="meta"), torch.zeros(2, 3, device="meta"))

@@ -82,6 +82,10 @@ class StepRecorder(TorchFunctionMode):
         self._explicit = {id(p) for p in explicit if isinstance(p, Tensor)}
         self._made: set[int] = set()
         self.captured: dict[int, Tensor] = {}
+        #: the floating tensors it reads that need no grad and that it did not make (closure
+        #: constants, buffers): kept by reference, checked only when the step's output is
+        #: NaN/Inf, to name the culprit (:meth:`fold_plugins._linearize.Linearization`)
+        self.constants: dict[int, Tensor] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -106,9 +110,14 @@ class StepRecorder(TorchFunctionMode):
             if is_functorch_tensor(t):  # made by a transform the step itself runs
                 continue
             key = id(t)
-            if (t.requires_grad and key not in self._made and key not in self._state
-                    and key not in self.captured):
-                self.captured[key] = t
+            if key in self._made or key in self._state:
+                continue
+            if t.requires_grad:
+                if key not in self.captured:
+                    self.captured[key] = t
+            elif key not in self._explicit and key not in self.constants \
+                    and t.is_floating_point():
+                self.constants[key] = t
         for t in made:
             self._made.add(id(t))
         return out

@@ -132,6 +132,7 @@ class Linearization:
             with torch.no_grad(), _record.collect() as notes:
                 out = step(tuple(self.x_parts) if tuple_state else self.x_parts[0], *params)
             self.notes = notes
+            self.constants: list[Tensor] = []
             self.batch_independent = step_traits(step).batch_independent
             self.out_parts = self._check_output(out)
             self._diff, self.inputs = [], []
@@ -155,6 +156,9 @@ class Linearization:
                 ) from exc
             raise
         self.notes = notes  # what the step's building blocks reported (e.g. weakly active)
+        #: the no-grad tensors the step read (closure constants): named by
+        #: :meth:`nonfinite_constants` when the output is NaN/Inf; released by fold after it
+        self.constants = list(recorder.constants.values()) if recorder is not None else []
         #: the step vouches that ∂U[i]/∂x[j] = 0 for i ≠ j (read after it ran: a step may
         #: verify it while it runs); the backward then skips its one-VJP probe
         self.batch_independent = step_traits(step).batch_independent
@@ -179,6 +183,17 @@ class Linearization:
         self._unreached = ([i for i, p in enumerate(params) if isinstance(p, Tensor)
                             and p.requires_grad and id(p) not in walk.reached],
                            [t for t in captured if id(t) not in walk.reached])
+
+    def nonfinite_constants(self) -> list[str]:
+        """The captured constants (tensors the step read that need no grad and that it did not
+        make) holding NaN/Inf, described by position, shape, dtype and count."""
+        found = []
+        for j, t in enumerate(self.constants):
+            bad = ~torch.isfinite(t)
+            if bool(bad.any()):
+                found.append(f"#{j} (shape {tuple(t.shape)}, {t.dtype}, {int(bad.sum())} "
+                             "NaN/Inf)")
+        return found
 
     def _check_output(self, out: Any) -> tuple[Tensor, ...]:
         return check_step_output(out, self.x_parts, self.tuple_state)

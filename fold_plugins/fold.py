@@ -310,6 +310,15 @@ def _check_fixed_point(lin: Linearization, res: Tensor, fixed_point_tol: float |
     gradients) and warn (or raise) where ``x*`` is not a fixed point (biased gradient)."""
     finite = torch.isfinite(res)
     excluded = None
+    culprits = [] if bool(finite.all()) else lin.nonfinite_constants()
+    lin.constants = []  # kept only for this diagnosis
+    if culprits:
+        raise FoldError(
+            f"step(x_star) is NaN/Inf for instance(s) {instance_list(~finite)}, and the step "
+            f"reads tensor(s) it captures that hold NaN/Inf: captured constant(s) "
+            f"{', '.join(culprits)}, in the order the step first reads them (they need no "
+            "grad, so they are not params). Fix or replace those tensors; no gradient through "
+            "this step is meaningful while they are non-finite.")
     if not bool(finite.all()):
         excluded = ~finite
         msg = (f"step(x_star) is NaN/Inf for instance(s) {instance_list(excluded)}: the step "

@@ -150,3 +150,35 @@ def test_numpy_array_param_passes_through_untouched():
         x = fp.fold(lambda x, c_, s: float(s) * x + c_, 2 * c.detach(), c, scale)
     x.sum().backward()
     assert torch.allclose(c.grad, torch.full((1, 2), 2.0, dtype=DT), rtol=1e-12)
+
+
+def test_nan_in_a_captured_constant_is_named_at_the_call():
+    """A closure matrix with a NaN (it needs no grad, so it is not a param): the FoldError
+    comes at the call and names the tensor, not a batch-mixing verdict in backward."""
+    M = 0.5 * torch.eye(3, dtype=DT)
+    M[1, 2] = float("nan")
+    c = torch.randn(4, 3, dtype=DT, requires_grad=True)
+
+    def step(x, c):
+        return x @ M.T + c
+
+    with pytest.raises(fp.FoldError, match=r"captured constant\(s\) #0 \(shape \(3, 3\), "
+                                           r"torch.float64, 1 NaN/Inf\)"):
+        fp.fold(step, torch.zeros(4, 3, dtype=DT), c)
+
+
+def test_a_nonfinite_first_instance_is_not_mistaken_for_batch_mixing():
+    """Instance 0's step is NaN (log of a negative number): it is excluded with a warning and
+    gets NaN gradients, the others stay exact (x* = 2c, dx*/dc = 2I), and the batch-mixing
+    probe (which now starts from the first finite instance and ignores NaN rows) blames no
+    coupling."""
+    c = torch.tensor([[-1.0, 1.0], [0.5, 1.0], [1.0, 2.0]], dtype=DT, requires_grad=True)
+
+    def step(x, c):
+        return 0.5 * x + c + 0.0 * torch.log(c[:, :1])
+
+    with pytest.warns(fp.FoldConvergenceWarning, match=r"instance\(s\) \[0\] of 3"):
+        x = fp.fold(step, 2 * c.detach(), c)
+    x.sum().backward()
+    assert torch.isnan(c.grad[0]).all()
+    assert torch.allclose(c.grad[1:], torch.full((2, 2), 2.0, dtype=DT), rtol=1e-10)

@@ -8,6 +8,7 @@ a forward (and its backward) exposes ``last_info`` as a :class:`fold_plugins.Fol
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -47,7 +48,29 @@ class FoldedModule(nn.Module):
         self.maxiter = maxiter
         self.strict = bool(strict)
         self.solver_options = dict(solver_options or {})
-        self.last_info: fp.FoldInfo | None = None
+        self._calls = threading.local()
+
+    @property
+    def last_info(self) -> Any:
+        """The :class:`fp.FoldInfo` of this thread's latest call (``None`` before one): each
+        thread reads what its own call did, also while other threads call the same module."""
+        return getattr(self._calls, "info", None)
+
+    @last_info.setter
+    def last_info(self, info: Any) -> None:
+        self._calls.info = info
+
+    def __getstate__(self) -> dict[str, Any]:
+        # pickling and deepcopy: a thread-local cannot travel; the calling thread's info does
+        state = dict(self.__dict__)
+        state["_calls"] = self.last_info
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        info = state.pop("_calls", None)
+        super().__setstate__(state)
+        self._calls = threading.local()
+        self.last_info = info
 
     def _fold(self, step: Callable, x_star: Any, *params: Any, batched: bool = True,
               info: fp.FoldInfo | None = None, **kwargs: Any) -> Any:

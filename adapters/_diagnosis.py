@@ -91,7 +91,7 @@ class UnrollingDiagnosis:
                 lines.append(f"  (instances with a gauge: ρ'^K = {rest:.1e} for a loss the "
                              "gauge does not move; the gradient in the gauge direction is "
                              "undefined)")
-        if self.backward_iterations is not None:
+        if self.backward_iterations is not None and self.backward_residual is not None:
             lines.append(f"folded backward ({self.backward_solver}, tol {self.backward_tol:.0e}): "
                          f"max {int(self.backward_iterations.max())} iterations, residual "
                          f"{float(self.backward_residual.max()):.1e}; memory: one step's graph")

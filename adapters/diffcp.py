@@ -83,8 +83,9 @@ class DiffcpReference:
         self.solver_args = args
         # a private Problem over the same expressions: its own compilation cache
         self._problem = cp.Problem(problem.objective, problem.constraints)
-        self._param_prob = None
-        self._chain = None
+        # cvxpy's ParamConeProg and reduction Chain, compiled on the first call
+        self._param_prob: Any | None = None
+        self._chain: Any | None = None
         self._cone_dict: dict | None = None
         self.last_info: list[dict[str, Any]] = []
         self.warn_tol = 1e-7
@@ -103,18 +104,27 @@ class DiffcpReference:
             self._chain = chain
             self._cone_dict = dims_to_solver_dict(data["dims"])
         else:
-            for r in self._chain.reductions:
+            _, chain = self._compiled()
+            for r in chain.reductions:
                 r.update_parameters(self._problem)
+
+    def _compiled(self) -> tuple[Any, Any]:
+        """``(param_prob, chain)``: cvxpy's compiled program (after :meth:`_set_values`)."""
+        if self._param_prob is None or self._chain is None:
+            raise RuntimeError("diffcp reference: the problem is compiled by the first solve")
+        return self._param_prob, self._chain
 
     def _cone_data(self, values: Sequence[np.ndarray]):
         """``(A, b, c)`` in diffcp's convention ``Ax + s = b`` for one instance."""
         self._set_values(values)
-        c, _, A, b = self._param_prob.apply_parameters(keep_zeros=True)
+        param_prob, _ = self._compiled()
+        c, _, A, b = param_prob.apply_parameters(keep_zeros=True)
         return (-A).tocsc(), np.asarray(b, dtype=np.float64), np.asarray(c, dtype=np.float64)
 
     def _recover(self, x: np.ndarray) -> list[np.ndarray]:
-        vals = self._param_prob.split_solution(x)
-        for r in reversed(self._chain.reductions):
+        param_prob, chain = self._compiled()
+        vals = param_prob.split_solution(x)
+        for r in reversed(chain.reductions):
             vals = r.var_forward(vals)
         return [np.asarray(vals[v.id], dtype=np.float64).reshape(v.shape) for v in self.variables]
 
@@ -153,17 +163,18 @@ class DiffcpReference:
         return self._recover(x), DT, A.shape[0]
 
     def _adjoint_one(self, DT: Any, m: int, grads: Sequence[np.ndarray]) -> list[np.ndarray]:
+        param_prob, chain = self._compiled()
         del_vars = {v.id: g for v, g in zip(self.variables, grads)}
-        for r in self._chain.reductions:
+        for r in chain.reductions:
             del_vars = r.var_backward(del_vars)
         del_vars = {k: np.asarray(v, dtype=np.float64) for k, v in del_vars.items()
-                    if k in self._param_prob.id_to_var}
-        dx = self._param_prob.split_adjoint(del_vars)
+                    if k in param_prob.id_to_var}
+        dx = param_prob.split_adjoint(del_vars)
         zeros = np.zeros(m)
         dA, db, dc = DT(dx, zeros, zeros)
         # DT returns derivatives w.r.t. diffcp's A = −A_cvxpy
-        dparams = self._param_prob.apply_param_jac(dc, -dA, db)
-        for r in reversed(self._chain.reductions):
+        dparams = param_prob.apply_param_jac(dc, -dA, db)
+        for r in reversed(chain.reductions):
             dparams = r.param_backward(dparams)
         return [np.asarray(dparams.get(p.id, np.zeros(p.shape)), dtype=np.float64)
                 .reshape(p.shape) for p in self.parameters]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -237,8 +237,8 @@ class FoldedLoop(FoldedModule):
         init = self._initial(params, x0)
         info = fp.FoldInfo()
         if self.solver is not None:
-            give_x0 = init is not None and self._solver_takes_x0
-            kw = {"x0": pack(init[0], init[1])} if give_x0 else {}
+            kw = ({"x0": pack(init[0], init[1])}
+                  if init is not None and self._solver_takes_x0 else {})
             with torch.no_grad():
                 x_star = self.solver(*params, **kw)
             parts, is_tuple = as_parts(x_star, "solver(*params) output")
@@ -275,11 +275,16 @@ class FoldedLoop(FoldedModule):
             self._warm = tuple(t.detach() for t in parts)
             self._warm_tuple = is_tuple
         # the built-in loop judged convergence itself (and already warned when it failed)
-        fp_tol = (math.inf if judged and not bool(info.forward_converged.all()) else None)
+        fp_tol = None
+        if judged:
+            conv = info.forward_converged
+            assert conv is not None  # set by the built-in loop
+            fp_tol = math.inf if not bool(conv.all()) else None
         x = self._fold(self.step, x_star, *params, batched=self.batched, info=info,
                        fixed_point_tol=fp_tol)
         if not judged:
             res = info.fixed_point_residual
+            assert res is not None  # measured by fold
             info.forward_residual = res
             info.forward_converged = res <= default_fixed_point_tol(parts[0].dtype)
         return x
@@ -310,7 +315,9 @@ class FoldedLoop(FoldedModule):
         rho = fpd.spectral_radius(self.step, x_star, *params, batched=self.batched,
                                   method=method, seed=seed)
         res = fpd.fixed_point_residual(self.step, x_star, *params, batched=self.batched)
-        its = {float(a): fpd.unroll_iterations_needed(rho, float(a)) for a in accuracies}
+        # rho is a tensor, so are these (fpd's helpers are annotated Tensor | float)
+        its = {float(a): cast(Tensor, fpd.unroll_iterations_needed(rho, float(a)))
+               for a in accuracies}
         lin = linearize(self.step, x_star, *params, batched=self.batched)
         n_unit, rho_rest = fpd.unit_eigenvalues(self.step, x_star, *params, batched=self.batched,
                                                 seed=seed)
@@ -322,7 +329,7 @@ class FoldedLoop(FoldedModule):
             out.weakly_active = sum(w.detach() for w in weak)
         if n_iter is not None:
             out.n_iter = _check_n_iter(n_iter)
-            out.predicted_unroll_error = fpd.predicted_unroll_error(rho, out.n_iter)
+            out.predicted_unroll_error = cast(Tensor, fpd.predicted_unroll_error(rho, out.n_iter))
         if fwd_info is not None:
             out.forward_iterations = fwd_info.forward_iterations
             out.forward_converged = fwd_info.forward_converged

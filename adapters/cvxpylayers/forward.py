@@ -128,8 +128,12 @@ def solve_clarabel(prog: ConeProgram, data: ConeData, settings: dict[str, Any] |
     st = clarabel_settings(settings or {})
     B = data.c.shape[0]
     dt, dev = data.c.dtype, data.c.device
-    Pv, c, Gv, h = (None if t is None else t.detach().to("cpu", torch.float64).numpy()
-                    for t in (data.P, data.c, data.G, data.h))
+
+    def host(t: Tensor) -> np.ndarray:
+        return t.detach().to("cpu", torch.float64).numpy()
+
+    Pv = None if data.P is None else host(data.P)
+    c, Gv, h = host(data.c), host(data.G), host(data.h)
     Gr, Gc = prog.G_rows.numpy(), prog.G_cols.numpy()
     xs, ss, ys, its, ok = [], [], [], [], []
     failed: dict[str, list[int]] = {}
@@ -140,7 +144,8 @@ def solve_clarabel(prog: ConeProgram, data: ConeData, settings: dict[str, Any] |
         if Pv is None:
             Pm = sp.csc_matrix((n, n))
         else:
-            Pf = sp.csc_matrix((Pv[i], (prog.P_rows.numpy(), prog.P_cols.numpy())), shape=(n, n))
+            Pr, Pc = prog.P_index()
+            Pf = sp.csc_matrix((Pv[i], (Pr.numpy(), Pc.numpy())), shape=(n, n))
             Pm = sp.triu(0.5 * (Pf + Pf.T)).tocsc()
         sol = clarabel.DefaultSolver(Pm, c[i], Ad, h[i][perm], cones, st).solve()
         status = str(sol.status)
@@ -187,7 +192,8 @@ def solve_torch_qp(prog: ConeProgram, data: ConeData, options: dict[str, Any] | 
         lo = -h
         up = torch.where(torch.arange(prog.m, device=c.device) < d.zero, -h,
                          torch.full_like(h, INF))
-        opts = {"tol": 1e-10 if c.dtype == torch.float64 else 1e-5, "maxiter": 20_000}
+        opts: dict[str, Any] = {"tol": 1e-10 if c.dtype == torch.float64 else 1e-5,
+                                "maxiter": 20_000}
         opts.update(options or {})
         try:
             (x, _, ya), info = solve_qp_admm(Pd, c, Gd, lo, up, strict=strict, **opts)

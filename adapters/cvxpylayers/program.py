@@ -184,6 +184,13 @@ class ConeProgram:
     def nnz_G(self) -> int:
         return int(self.G_rows.numel())
 
+    def P_index(self) -> tuple[Tensor, Tensor]:
+        """``(P_rows, P_cols)``; raises where the program has no quadratic objective."""
+        if self.P_rows is None or self.P_cols is None:
+            raise FoldError("FoldedSolver: P values were given for a program without a "
+                            "quadratic objective (no P structure in cvxpylayers' context).")
+        return self.P_rows, self.P_cols
+
     @classmethod
     def from_context(cls, ctx: Any) -> ConeProgram:
         """Structure of cvxpylayers' canonical matrices (raises for unsupported cones)."""
@@ -246,24 +253,27 @@ class ConeProgram:
         if Pv is None:
             return torch.zeros_like(x)
         sh = (self.n, self.n)
-        return 0.5 * (_coo_matvec(Pv, x, self.P_rows, self.P_cols, sh, dense)
-                      + _coo_matvec(Pv, x, self.P_rows, self.P_cols, sh, dense, True))
+        rows, cols = self.P_index()
+        return 0.5 * (_coo_matvec(Pv, x, rows, cols, sh, dense)
+                      + _coo_matvec(Pv, x, rows, cols, sh, dense, True))
 
     def dense_caches(self, Pv: Tensor | None, Gv: Tensor) -> tuple[Any, Any]:
         """Detached dense ``(P, Pᵀ)`` and ``(G, Gᵀ)`` (contiguous) where they are denser than
         :data:`DENSE_FRACTION` (else ``None``: applied by scatter); ``(1, ·, ·)`` where every
         instance has the same values (e.g. only ``c`` or ``h`` is a parameter)."""
         with torch.no_grad():
-            Pd = Gd = None
+            Pd: tuple[Tensor, Tensor] | None = None
+            Gd: tuple[Tensor, Tensor] | None = None
             if Pv is not None and self.nnz_P > DENSE_FRACTION * self.n * self.n:
                 Pv = Pv.detach()
                 Pv = Pv[:1] if shared(Pv) else Pv
                 B = Pv.shape[0]
-                Pd = Pv.new_zeros(B, self.n, self.n)
+                Pm = Pv.new_zeros(B, self.n, self.n)
                 b = torch.arange(B, device=Pv.device)[:, None]
-                Pd.index_put_((b, self.P_rows.to(Pv.device)[None],
-                               self.P_cols.to(Pv.device)[None]), Pv, accumulate=True)
-                Pd = (Pd, Pd.transpose(1, 2).contiguous())
+                rows, cols = self.P_index()
+                Pm.index_put_((b, rows.to(Pv.device)[None], cols.to(Pv.device)[None]), Pv,
+                              accumulate=True)
+                Pd = (Pm, Pm.transpose(1, 2).contiguous())
             if self.nnz_G > DENSE_FRACTION * self.m * self.n:
                 Gv = Gv.detach()
                 G = self.dense_G(Gv[:1] if shared(Gv) else Gv)
@@ -276,7 +286,8 @@ class ConeProgram:
         if Pv is None:
             return out
         b = torch.arange(B, device=like.device)[:, None]
-        r, c = self.P_rows.to(like.device), self.P_cols.to(like.device)
+        rows, cols = self.P_index()
+        r, c = rows.to(like.device), cols.to(like.device)
         out.index_put_((b, r[None], c[None]), Pv.expand(B, -1), accumulate=True)
         return 0.5 * (out + out.transpose(1, 2))
 

@@ -162,7 +162,8 @@ class FoldedSolver(SolverInterface):
         return x, y, SavedSolve(prog, data, P, q, A, x, s, y, info, R, L, dense)
 
     def _polish(self, prog: ConeProgram, data: ConeData, P: Tensor | None, q: Tensor,
-                A: Tensor, x: Tensor, s: Tensor, y: Tensor) -> tuple[Tensor, ...]:
+                A: Tensor, x: Tensor, s: Tensor, y: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, tuple[Any, Any]]:
         """Semismooth Newton on the fixed-point equation ``w = U(w)`` of (2) for curved cones.
 
         An interior-point solution with complementarity gap ε is only √ε-accurate on a

@@ -98,7 +98,8 @@ class TangentGeometry:
             colors[c].append(a)
             color[a] = c
         n = sum(self.dofs)
-        seeds, row_of = [], [0] * n
+        seeds: list[Tensor] = []
+        row_of = [0] * n
         mask = torch.zeros(n, n, dtype=self.dtype)
         for members in colors:
             for j in range(max(self.dofs[a] for a in members)):

@@ -295,7 +295,9 @@ class FoldedTheseusLayer(FoldedModule):
             else default_fixed_point_tol(dt)
         excluded = step.excluded
         xnorm = torch.cat([x.reshape(B, -1) for x in step.x_used], dim=1).norm(dim=1)
-        rel = (info.fixed_point_residual.detach() / (1 + xnorm)).to(dt)
+        res = info.fixed_point_residual
+        assert res is not None  # measured by fp.fold in the backward setup
+        rel = (res.detach() / (1 + xnorm)).to(dt)
         rel = torch.where(excluded, torch.full_like(rel, math.nan), rel)
         converged = (run.th_converged | (rel <= fp_tol)) & ~excluded
         unconverged = ~converged & ~excluded

@@ -26,6 +26,7 @@ import math
 import os
 import sys
 import warnings
+from types import FrameType
 from typing import Any
 
 import torch
@@ -88,8 +89,10 @@ class Notes:
 def _user_stacklevel() -> int:
     """``stacklevel`` for :func:`warnings.warn` called from :meth:`Notes.once` that names the
     first frame outside torch, fold_plugins and its adapters."""
-    skip = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, fp, sys.modules[__name__]))
-    frame, level = sys._getframe(2), 2  # frame k up from here is stacklevel k in once()
+    skip = tuple(os.path.dirname(f) + os.sep for m in (torch, fp, sys.modules[__name__])
+                 if (f := m.__file__) is not None)
+    frame: FrameType | None = sys._getframe(2)
+    level = 2  # frame k up from here is stacklevel k in once()
     while frame is not None and frame.f_code.co_filename.startswith(skip):
         frame, level = frame.f_back, level + 1
     return level
@@ -284,12 +287,13 @@ class InstancePolicy:
                 raise fp.FoldError(msg + ".")
             notes.once(kind, msg, fp.FoldConvergenceWarning)
         if bool(step.illcond.any()):
+            assert step.rcond is not None  # illcond is set together with rcond
             eps = torch.finfo(dtype).eps
-            rc = float(step.rcond[step.illcond].min())
+            rc_min = float(step.rcond[step.illcond].min())
             notes.once("ill_conditioned", (
                 f"{name}: {step.matrix_name()} at x* is ill-conditioned for instance(s) "
                 f"{instance_list(step.illcond)} (estimated reciprocal condition number "
-                f"rcond₁ down to {rc:.1e} ≤ n·eps = {step.geo.n * eps:.1e}, {dtype}): "
+                f"rcond₁ down to {rc_min:.1e} ≤ n·eps = {step.geo.n * eps:.1e}, {dtype}): "
                 f"the gradient of these instances keeps about "
-                f"{max(0.0, math.log10(rc / eps)):.0f} correct digits. Remedy: use float64, "
+                f"{max(0.0, math.log10(rc_min / eps)):.0f} correct digits. Remedy: use float64, "
                 "or rescale the problem (cost weights, units)"), fp.FoldConvergenceWarning)

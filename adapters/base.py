@@ -87,7 +87,8 @@ class FoldedModule(nn.Module):
         """Warn (or raise when ``strict``) naming the instances whose forward did not converge."""
         bad = ~converged.detach().to(torch.bool).reshape(-1)
         report_unconverged(bad, residual, f"{what}: forward (gradients of these instances are "
-                           "biased)", remedy, self.strict, stacklevel=4)
+                           "biased)", remedy, self.strict, stacklevel=4,
+                           category=fp.ForwardConvergenceWarning)
 
     def extra_repr(self) -> str:
         name = self.backward if isinstance(self.backward, str) else getattr(

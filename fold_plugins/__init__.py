@@ -14,7 +14,7 @@ and the mathematics: ``docs/design.md`` in the repository.
 from __future__ import annotations
 
 from . import diagnostics, solvers
-from ._errors import FoldConvergenceWarning, FoldError
+from ._errors import FoldConvergenceWarning, FoldError, ForwardConvergenceWarning
 from .fold import FoldInfo, fold
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "FoldConvergenceWarning",
     "FoldError",
     "FoldInfo",
+    "ForwardConvergenceWarning",
     "diagnostics",
     "fold",
     "preconditioners",

@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: (module, names) every release keeps importable from exactly these paths
 PUBLIC = {
-    "fold_plugins": ["fold", "FoldInfo", "FoldError", "FoldConvergenceWarning", "steps",
+    "fold_plugins": ["fold", "FoldInfo", "FoldError", "FoldConvergenceWarning",
+                     "ForwardConvergenceWarning", "steps",
                      "projections", "solvers", "diagnostics", "verify", "preconditioners"],
     "fold_plugins.steps": ["iterate", "qp", "solve_qp_admm", "INF"],
     "fold_plugins.solvers": ["SolveInfo", "gmres", "dense", "fixed_point", "bicgstab", "auto",

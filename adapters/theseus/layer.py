@@ -80,9 +80,11 @@ class FoldedTheseusLayer(FoldedModule):
             not depend on ``λ`` (``M`` multiplies ``g(x*) = 0``); only the backward's speed does.
         unconverged: what an instance whose forward did not converge gets (module docstring):
             ``"unroll"`` (default: Theseus's own unrolled backward, as ``th.TheseusLayer``),
-            ``"fold"`` (folded anyway, biased; warned once) or ``"raise"``.
+            ``"fold"`` (folded anyway, biased) or ``"raise"``. Either way every such call
+            warns :class:`fp.ForwardConvergenceWarning` naming the instances.
         strict: raise :class:`fp.FoldError` instead of warning on backward non-convergence,
-            on folded unconverged instances and on excluded (NaN/Inf or singular) instances.
+            on unconverged instances (under every ``unconverged`` policy) and on excluded
+            (NaN/Inf or singular) instances.
         solver_options: extra keywords for the backward solver.
         fixed_point_tol: besides Theseus's ``CONVERGED`` status, an instance counts as
             converged when ``‖M⁻¹g‖ / (1 + ‖x*‖) ≤ fixed_point_tol`` at the returned point

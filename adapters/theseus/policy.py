@@ -12,11 +12,15 @@ layer's messages (:class:`Notes`). Each instance of a batch is one of:
   The ``unconverged`` policy decides: ``"unroll"`` (default) differentiates what the forward
   computed — Theseus's own backward for those instances (its ``backward_mode``, default
   ``unroll``), obtained by re-running the same forward with autograd — ``"fold"`` folds
-  them anyway (a biased gradient, warned once), and ``"raise"`` raises
+  them anyway (a biased gradient), and ``"raise"`` raises
   :class:`fp.FoldError`;
 * **excluded** — NaN/Inf solution or data, or a singular ``M`` at x*: exactly zero gradient.
 
-Every kind of message is issued at most once per layer (:class:`Notes`); the number of
+A forward that did not converge, a failed or non-finite instance, a singular system: said on
+every call where it happens, naming the instances (:class:`fp.ForwardConvergenceWarning` or
+:class:`fp.FoldConvergenceWarning`; ``strict=True`` raises under every ``unconverged`` policy).
+Notes about the setup (a backward mode folding replaces, the linear solver's precision, the
+initial values' zero gradient) are said once per layer (:class:`Notes`). The number of
 instances of each kind seen so far is in ``last_info.extra["counts"]``.
 """
 
@@ -62,7 +66,8 @@ def splice(mask: Tensor, where_true: Tensor, where_false: Tensor) -> Tensor:
 
 
 class Notes:
-    """Messages issued once per layer and kind, with running instance counts per kind."""
+    """A layer's messages: setup notes once per layer and kind (:meth:`once`), verdicts on
+    every call (:meth:`warn`); running instance counts per kind."""
 
     def __init__(self) -> None:
         self.issued: set[str] = set()
@@ -84,6 +89,10 @@ class Notes:
         self.issued.add(kind)
         warnings.warn(message + " (Said once per layer; counts in last_info.extra['counts'].)",
                       category, stacklevel=stacklevel or _user_stacklevel())
+
+    def warn(self, message: str, category: type[Warning]) -> None:
+        """Warn ``message`` on this call (a verdict about these instances, not the setup)."""
+        warnings.warn(message, category, stacklevel=_user_stacklevel())
 
 
 def _user_stacklevel() -> int:
@@ -139,10 +148,12 @@ class InstancePolicy:
             remedy = (f"raise max_iterations (now {max_it}) or loosen the optimizer's "
                       "abs_err_tolerance/rel_err_tolerance if the minimiser is what you want "
                       "to differentiate")
-        if call.policy == "raise":
+        if call.policy == "raise" or strict:
+            why = "unconverged='raise'" if call.policy == "raise" else \
+                f"strict=True (unconverged={call.policy!r})"
             raise fp.FoldError(f"{name}: the forward did not converge for {which} and "
-                               f"unconverged='raise'. Remedy: {remedy}; or pass "
-                               "unconverged='unroll' to differentiate the truncated forward.")
+                               f"{why}. Remedy: {remedy}; or pass unconverged='unroll' "
+                               "(without strict) to differentiate the truncated forward.")
         reason = ""
         if call.policy == "unroll":
             if computed is not None:
@@ -154,19 +165,18 @@ class InstancePolicy:
                 unrolled, reason = self.unroll(call)
             if unrolled is not None:
                 how = "unroll" if call.mode is None else call.mode.name.lower()
-                self.notes.once("unrolled", (
+                self.notes.warn(
                     f"{name}: the forward did not converge for {which}; as with "
                     f"th.TheseusLayer, their gradient is Theseus's own ({how}) backward of the "
                     "iterations that ran, the converged instances are folded (exact). "
-                    "unconverged='fold' or 'raise' change this"))
+                    "unconverged='fold' or 'raise' (or strict=True) change this",
+                    fp.ForwardConvergenceWarning)
                 values = {k: splice(unconverged, unrolled[k], v) for k, v in values.items()}
                 return values, unconverged
         msg = (f"{name}: the forward did not converge for {which}; their gradients are folded "
                f"at the point where the forward stopped and are biased{reason}. Remedy: "
                f"{remedy}.")
-        if strict:
-            raise fp.FoldError(msg)
-        self.notes.once("biased", msg, fp.FoldConvergenceWarning)
+        self.notes.warn(msg, fp.ForwardConvergenceWarning)
         return values, torch.zeros_like(unconverged)
 
     def unroll(self, call: Call) -> tuple[dict[str, Tensor] | None, str]:
@@ -226,15 +236,14 @@ class InstancePolicy:
         notes.count("failed", bad)
         info.extra["counts"] = dict(notes.counts)
         th_info.fold_info = info
-        if bool(bad.any()) and (strict or "failed" not in notes.issued):
+        if bool(bad.any()):
             last_err = th_info.last_err.detach().to(device=x_star[0].device).reshape(-1)
-            notes.issued.add("failed")
             report_unconverged(
                 bad, last_err if last_err.numel() == B else last_err.expand(B),
                 f"{self.name} forward (no gradient requested; error = final objective value)",
                 "an instance with status FAIL hit an error in Theseus's linear solve (singular "
-                "system or NaN data): check its data (said once per layer)", strict,
-                stacklevel=4)
+                "system or NaN data): check its data", strict, stacklevel=4,
+                category=fp.ForwardConvergenceWarning)
         return self.geo.outputs(x_star, x_star, None, {})
 
     # ------------------------------------------------------------------ notes
@@ -282,10 +291,10 @@ class InstancePolicy:
                 f"condition ≤ eps{worst}); dx*/dθ is not defined there, so those instances "
                 f"are excluded (zero gradient); the other {B - int(step.excluded.sum())} are "
                 f"unaffected. Remedy: {step.remedy()}")))
-        for kind, msg in msgs:
+        for _, msg in msgs:
             if strict:
                 raise fp.FoldError(msg + ".")
-            notes.once(kind, msg, fp.FoldConvergenceWarning)
+            notes.warn(msg + ".", fp.FoldConvergenceWarning)
         if bool(step.illcond.any()):
             assert step.rcond is not None  # illcond is set together with rcond
             eps = torch.finfo(dtype).eps

@@ -547,7 +547,8 @@ def test_forward_nonconvergence_warns_naming_instances():
     init = {k: v.clone() for k, v in sol.items()}
     init["a"][1], init["b"][1] = 0.2, 3.0  # instance 1 starts far away
     yy = y.clone().requires_grad_(True)
-    with pytest.warns(UserWarning, match=r"instance\(s\) \[1\] of 3.*own \(unroll\) backward"):
+    with pytest.warns(fp.ForwardConvergenceWarning,
+                      match=r"instance\(s\) \[1\] of 3.*own \(unroll\) backward"):
         values, info = FoldedTheseusLayer(exp_optimizer(max_iterations=2))({"y": yy, **init})
     (g,) = torch.autograd.grad(exp_loss(values).sum(), yy)
     fi = info.fold_info
@@ -571,6 +572,29 @@ def test_forward_nonconvergence_warns_naming_instances():
     with pytest.raises(fp.FoldError, match=r"\[1\] of 3.*unconverged='raise'"):
         FoldedTheseusLayer(exp_optimizer(max_iterations=2), unconverged="raise")(
             {"y": yy, **init})
+
+
+@pytest.mark.parametrize("policy", ["unroll", "fold"])
+def test_every_unconverged_call_says_so_and_strict_raises_under_every_policy(policy):
+    """Five calls whose forward stops early: five warnings (not one per layer), each naming
+    the instance; strict=True refuses under the default 'unroll' policy too."""
+    y = exp_data(3, noise=0.5, seed=7)
+    with torch.no_grad():
+        sol, _ = th.TheseusLayer(exp_optimizer())({"y": y, **exp_init(3)})
+    init = {k: v.clone() for k, v in sol.items()}
+    init["a"][1], init["b"][1] = 0.2, 3.0
+    layer = FoldedTheseusLayer(exp_optimizer(max_iterations=2), unconverged=policy)
+    counts = []
+    for _ in range(5):
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            layer({"y": y.clone().requires_grad_(True), **init})
+        counts.append(sum(1 for w in rec if issubclass(w.category, fp.ForwardConvergenceWarning)
+                          and "[1] of 3" in str(w.message)))
+    assert counts == [1, 1, 1, 1, 1]
+    strict = FoldedTheseusLayer(exp_optimizer(max_iterations=2), unconverged=policy, strict=True)
+    with pytest.raises(fp.FoldError, match=rf"\[1\] of 3.*strict=True \(unconverged='{policy}'\)"):
+        strict({"y": y.clone().requires_grad_(True), **init})
 
 
 def test_singular_system_raises_fold_error():
@@ -705,7 +729,7 @@ def test_inference_skips_fold_and_uses_theseus_status():
     for step, extra in (("auto", 0), ("gauss_newton", 1)):
         opt = exp_optimizer(max_iterations=2, **default_tol)
         calls = _count_linearize(opt)
-        with pytest.warns(UserWarning, match=r"\[1\] of 3"):
+        with pytest.warns(fp.ForwardConvergenceWarning, match=r"\[1\] of 3"):
             FoldedTheseusLayer(opt, step=step)({"y": y.clone().requires_grad_(True), **init})
         assert calls[0] == 2 * plain_calls[0] + extra
 

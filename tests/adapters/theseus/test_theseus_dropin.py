@@ -332,10 +332,13 @@ def test_values_equal_theseus_for_every_backward_mode(mode):
     out = []
     for cls in (th.TheseusLayer, FoldedTheseusLayer):
         yy = y.clone().requires_grad_(True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # the one-time notes
-            warnings.simplefilter("error", fp.FoldConvergenceWarning)
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
             values, _ = cls(make_optimizer(max_iterations=3))({"y": yy, **init(3)}, dict(kw))
+        # the truncated forward is said (every call), and nothing else is a convergence alarm
+        said = [w for w in rec if issubclass(w.category, fp.FoldConvergenceWarning)]
+        assert len(said) == (cls is FoldedTheseusLayer)
+        assert all(issubclass(w.category, fp.ForwardConvergenceWarning) for w in said)
         (g,) = torch.autograd.grad(loss_of(values["a"], values["b"]).sum(), yy)
         out.append((values, g))
     (v_ref, g_ref), (v, g) = out
